@@ -1,0 +1,245 @@
+"""Frozen CLIP and the prompt learners that sit on it: zero-shot CLIP and CoOp.
+
+CLIP (Radford et al., 2021) is used as openai/CLIP ships it: loaded with `clip.load`, never forked or patched.
+The text and image encoders below re-run CLIP's own submodules (token embedding, resblocks, ln_final, ...) from
+the outside, so that learnable prompt tokens can be placed into the sequence.
+
+CoOp (Zhou et al., IJCV 2022, arXiv 2109.01134) learns M context vectors shared by all classes. For class c the
+text encoder sees the token sequence (MAO Eq. (1): P = [theta]_1 ... [theta]_L is this learnable part):
+
+    position: 0      1 .. M          M+1 .. M+len(name)    next   next    rest (up to 77)
+    token:    [SOS]  [V1] .. [VM]    [CLASS tokens]        [.]    [EOS]   zero padding
+
+and the class probability is the softmax of scaled cosine similarities (MAO Eq. (3)). In the base-to-new
+protocol, M = 4 initialised from the embeddings of "a photo of a", so before training CoOp equals zero-shot CLIP
+with the template "a photo of a {}." exactly (tests/test_clip_prompt.py checks this).
+
+Every learner has the same small interface, and nothing here knows about MAO (it imports nothing from
+sampler.py, losses.py or pseudolabel.py):
+    learner(images, class_ids) -> Output(logits, frozen_image_features, losses)
+    learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features
+    learner.set_classnames(names)                                  # re-target, keeping learned tensors
+    learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
+"""
+import os
+from collections import namedtuple
+
+import clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from clip.model import CLIP, build_model
+
+# -----------------------------------------------------------------------------
+# Loading frozen CLIP
+
+
+def _is_torchscript(path):
+    """OpenAI's checkpoints are TorchScript archives; a plain state dict needs build_model instead."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def load_clip(name, device="cpu", precision="auto", cache_dir="data"):
+    """Frozen CLIP from a model name ('ViT-B/16', downloaded once to ~/.cache/clip), a local checkpoint path,
+    or 'tiny' (a small randomly initialised CLIP for pipeline runs, written once to cache_dir/tiny_clip.pt).
+
+    CPU: fp32. CUDA: CLIP's own fp16 weights (precision 'fp16', the paper's setting) or fp32.
+    Returns the model in eval mode with every parameter frozen.
+    """
+    device = torch.device(device)
+    if name == "tiny":
+        name = os.path.join(cache_dir, "tiny_clip.pt")
+        if not os.path.isfile(name):
+            save_clip(build_tiny_clip(seed=0), name)
+    if os.path.isfile(name) and not _is_torchscript(name):
+        state = torch.load(name, map_location="cpu", weights_only=True)
+        model = build_model(state.get("state_dict", state)).to(device)
+    elif os.path.isfile(name) or name in clip.available_models():
+        model, _ = clip.load(name, device=device, jit=False)
+    else:
+        raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()} "
+                                f"(or 'tiny' for the small random CLIP used by pipeline runs)")
+    if device.type == "cpu" or precision == "fp32":
+        model = model.float()  # fp16 matmuls are not available (or slow) on CPU
+    return model.eval().requires_grad_(False)
+
+
+def build_tiny_clip(seed=0, width=64, layers=2, resolution=32, patch=8, embed_dim=64):
+    """A small clip.model.CLIP with CLIP's vocabulary and 77-token context (random weights, fp16-exact)."""
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model = CLIP(embed_dim=embed_dim, image_resolution=resolution, vision_layers=layers, vision_width=width,
+                     vision_patch_size=patch, context_length=77, vocab_size=49408, transformer_width=width,
+                     transformer_heads=width // 64, transformer_layers=layers)
+    for p in model.parameters():  # clip.load rounds weights through fp16; make that a no-op so reloads are exact
+        p.data = p.data.half().float()
+    return model.eval()
+
+
+def save_clip(model, path):
+    """Save as a TorchScript archive like OpenAI's files, so `clip.load(path)` reads it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    r = model.visual.input_resolution
+    example = (torch.zeros(1, 3, r, r), clip.tokenize(["a photo of a cat."]))
+    traced = torch.jit.trace(model.float().eval(), example, check_trace=False)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.jit.save(traced, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Encoders, re-running CLIP's submodules (shapes: C classes, B images, L=77 tokens, D width)
+
+def encode_token_embeddings(model, x, eot):
+    """Text features from token embeddings x (C, 77, D) -- the path of CLIP's encode_text after its embedding."""
+    x = x + model.positional_embedding.type(x.dtype)  # the learnable context gets positions too
+    x = x.permute(1, 0, 2)  # NLD -> LND (CLIP's attention is not batch_first)
+    x = model.transformer(x)  # the causal mask lives inside each block
+    x = x.permute(1, 0, 2)  # LND -> NLD
+    x = model.ln_final(x).type(model.dtype)
+    return x[torch.arange(x.shape[0], device=x.device), eot] @ model.text_projection  # (C, E) at [EOS]
+
+
+def encode_image(model, images):
+    """CLIP's own image encoder: CLS token after ln_post, projected. (B, 3, R, R) -> (B, E)."""
+    return model.visual(images.type(model.dtype))
+
+
+Output = namedtuple("Output", "logits frozen_image_features losses")
+
+
+def zero_shot_text_features(model, classnames, template="a photo of a {}."):
+    """Normalised text features of frozen CLIP for template.format(name) (name with '_' -> ' '). (C, E)"""
+    device = model.token_embedding.weight.device
+    tokens = clip.tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(device)
+    with torch.no_grad():
+        return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Zero-shot CLIP: the baseline every table starts from
+
+class ZeroShotCLIP(nn.Module):
+    """Frozen CLIP with one hand-crafted template per dataset (CoOp's CUSTOM_TEMPLATES). Nothing to learn."""
+    frozen_image_encoder = True
+
+    def __init__(self, model, classnames, template="a photo of a {}."):
+        super().__init__()
+        self.clip, self.template = model, template
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames):
+        self.classnames = list(classnames)
+        self.text_features = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E)
+
+    def encode_image(self, images):
+        return F.normalize(encode_image(self.clip, images).float(), dim=-1)
+
+    def encode_text(self, class_ids=None):
+        return self.text_features if class_ids is None else self.text_features[class_ids]
+
+    def forward(self, images, class_ids=None):
+        img = self.encode_image(images)  # (B, E)
+        logits = self.clip.logit_scale.exp().float() * img @ self.encode_text(class_ids).t()  # Eq. (3)
+        return Output(logits, img, {})
+
+    def learned_state(self):
+        return {}
+
+    def load_learned(self, state):
+        if state:
+            raise ValueError(f"zero-shot CLIP has no learned tensors, the checkpoint has {sorted(state)}")
+
+
+# -----------------------------------------------------------------------------
+# CoOp: M learnable context vectors shared by all classes (Eq. (1)), CLIP's image encoder untouched
+
+class CoOp(nn.Module):
+    """CoOp prompt learner. Learnable tensors are fp32 and cast to CLIP's dtype where they enter the sequence."""
+    frozen_image_encoder = True  # image features are plain CLIP's, so others may reuse them
+
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a"):
+        super().__init__()
+        self.clip = model
+        D = model.ln_final.weight.shape[0]
+        if ctx_init:
+            # CoOp's rule: with an init phrase, M = its number of words and V1..VM start at their embeddings
+            n_ctx = len(ctx_init.split())
+            ids = clip.tokenize(ctx_init).to(model.token_embedding.weight.device)
+            with torch.no_grad():
+                ctx = model.token_embedding(ids)[0, 1:1 + n_ctx].float()  # (M, D)
+            self.prefix = ctx_init
+        else:
+            ctx = torch.empty(n_ctx, D).normal_(std=0.02)  # (M, D)
+            self.prefix = " ".join(["X"] * n_ctx)
+        self.ctx = nn.Parameter(ctx)  # Eq. (1): P = [theta]_1 ... [theta]_M
+        self.n_ctx = n_ctx
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames):
+        """Re-target to another list of classes: rebuild the frozen [SOS] / [CLASS . EOS] buffers only."""
+        self.classnames = list(classnames)
+        device = self.clip.token_embedding.weight.device
+        tokens = clip.tokenize([f"{self.prefix} {c.replace('_', ' ')}." for c in self.classnames]).to(device)
+        with torch.no_grad():
+            emb = self.clip.token_embedding(tokens).type(self.clip.dtype)  # (C, 77, D)
+        self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # [SOS]
+        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # [CLASS] . [EOS] pad
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # [EOS] has the largest token id
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # CLIP stays frozen and in eval mode; only the prompt trains
+        return self
+
+    def encode_text(self, class_ids=None):
+        """Normalised text features for the given class ids (all classes if None). (C', E)"""
+        pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
+        if class_ids is not None:  # only the requested classes go through the text encoder
+            pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
+        ctx = self.ctx.to(pre.dtype).unsqueeze(0).expand(pre.shape[0], -1, -1)  # (C', M, D)
+        x = torch.cat([pre, ctx, suf], dim=1)  # (C', 77, D): [SOS][V1..VM][CLASS][.][EOS]
+        return F.normalize(encode_token_embeddings(self.clip, x, eot).float(), dim=-1)
+
+    def encode_image(self, images):
+        return F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
+
+    def forward(self, images, class_ids=None):
+        """Logits over class_ids (all classes if None), the frozen image features, and no extra losses."""
+        img = self.encode_image(images)  # (B, E); CLIP's image encoder is frozen in CoOp
+        txt = self.encode_text(class_ids)  # (C', E)
+        logits = self.clip.logit_scale.exp().float() * img @ txt.t()  # Eq. (3): cos / tau, tau = 1/100
+        return Output(logits, img.detach(), {})
+
+    def learned_state(self):
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_learned(self, state):
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if set(state) != set(own):
+            raise ValueError(f"checkpoint tensors {sorted(state)} do not match this learner's {sorted(own)}")
+        for n, p in own.items():
+            if state[n].shape != p.shape:
+                raise ValueError(f"checkpoint tensor '{n}' has shape {tuple(state[n].shape)}, "
+                                 f"this learner expects {tuple(p.shape)} (different --n_ctx or CLIP?)")
+            with torch.no_grad():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+
+BACKBONES = ("zsclip", "coop")
+
+
+def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}."):
+    """The prompt learner for a backbone name, on the device of the frozen CLIP."""
+    device = model.token_embedding.weight.device
+    if backbone == "zsclip":
+        return ZeroShotCLIP(model, classnames, template).to(device)
+    if backbone == "coop":
+        return CoOp(model, classnames, n_ctx, ctx_init).to(device)
+    raise ValueError(f"unknown backbone '{backbone}'. Choose one of: {', '.join(BACKBONES)}")

