@@ -22,6 +22,7 @@ sampler.py, losses.py or pseudolabel.py):
     learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
 """
 import os
+import warnings
 from collections import namedtuple
 
 import clip
@@ -60,7 +61,9 @@ def load_clip(name, device="cpu", precision="auto", cache_dir="data"):
         state = torch.load(name, map_location="cpu", weights_only=True)
         model = build_model(state.get("state_dict", state)).to(device)
     elif os.path.isfile(name) or name in clip.available_models():
-        model, _ = clip.load(name, device=device, jit=False)
+        with warnings.catch_warnings():  # torch deprecates TorchScript, the format OpenAI's weights ship in
+            warnings.simplefilter("ignore")
+            model, _ = clip.load(name, device=device, jit=False)
     else:
         raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()} "
                                 f"(or 'tiny' for the small random CLIP used by pipeline runs)")
@@ -87,9 +90,10 @@ def save_clip(model, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     r = model.visual.input_resolution
     example = (torch.zeros(1, 3, r, r), clip.tokenize(["a photo of a cat."]))
-    traced = torch.jit.trace(model.float().eval(), example, check_trace=False)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.jit.save(traced, tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model.float().eval(), example, check_trace=False), tmp)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small random CLIP saved and re-loaded through clip.load, a tiny demo dataset, real MiniLM."""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the model hub
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+import torch
+
+from clip_prompt import build_tiny_clip, load_clip, save_clip
+from data import make_demo
+
+SPLITS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coop_splits")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    """A clip.model.CLIP (width 64, 2 layers, 32 px) saved as a TorchScript archive like OpenAI's files."""
+    path = str(tmp_path_factory.mktemp("clip") / "tiny.pt")
+    save_clip(build_tiny_clip(seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_path):
+    return load_clip(tiny_clip_path, "cpu")  # the same clip.load path real weights take
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small demo dataset (12 classes, 16 train / 2 val / 4 test images each) in the CoOp layout."""
+    root = str(tmp_path_factory.mktemp("data"))
+    make_demo(root, n_train=16, n_val=2, n_test=4, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from sampler import load_minilm
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def splits_dir():
+    if not os.path.isdir(SPLITS):
+        pytest.skip(f"real split files not found at {SPLITS}")
+    return SPLITS
+
+
+def run_train(tmp_path, demo_root, clip_path, *extra):
+    """train.main on the demo set with the tiny CLIP, CPU, no workers; returns (results, out dir)."""
+    import train
+    out = str(tmp_path / "run")
+    argv = ["--dataset", "demo", "--root", demo_root, "--clip", clip_path, "--device", "cpu", "--workers", "0",
+            "--out", out, "--shots", "8", "--log_every", "1000", *extra]
+    return train.main(argv), out
