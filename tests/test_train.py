@@ -1,0 +1,165 @@
+"""End to end on the synthetic demo set with the tiny CLIP: both MAO halves, the baseline, reload, resume, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+import eval as evaluation
+import train
+from conftest import run_train
+
+
+def learned(path):
+    return torch.load(path, weights_only=False)["learned"]
+
+
+def test_mao_both_steps_write_two_prompts_and_results(tmp_path, demo_root, tiny_clip_path):
+    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--epochs", "2")
+    for f in ("args.json", "log.txt", "base_prompt.pt", "new_prompt.pt", "results.json", "base_last.pt", "new_last.pt"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["method"] == "mao" and saved["toy_model"] is False
+    for k in ("base", "new", "hm", "new_base_prompt"):
+        assert 0.0 <= saved[k] <= 100.0
+    assert abs(saved["hm"] - evaluation.harmonic_mean(saved["base"], saved["new"])) < 1e-9
+    base_ck = torch.load(os.path.join(out, "base_prompt.pt"), weights_only=False)
+    new_ck = torch.load(os.path.join(out, "new_prompt.pt"), weights_only=False)
+    assert base_ck["subsample"] == "base" and new_ck["subsample"] == "new"
+    assert base_ck["classnames"][0] == "red circle" and new_ck["classnames"][0] == "blue circle"
+    assert not torch.equal(base_ck["learned"]["ctx"], new_ck["learned"]["ctx"])  # the new step trained
+    assert set(base_ck["learned"]) == {"ctx"}  # only learnable tensors, never frozen CLIP weights
+    # eval.py re-evaluates the run folder exactly as train.py did
+    again = evaluation.evaluate_checkpoints(out, overrides=dict(workers=0))
+    assert again["base"] == saved["base"] and again["new"] == saved["new"]
+
+
+def test_method_none_single_epoch_and_reload(tmp_path, demo_root, tiny_clip_path):
+    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--method", "none", "--epochs", "1")
+    assert os.path.isfile(os.path.join(out, "prompt.pt")) and not os.path.exists(os.path.join(out, "new_prompt.pt"))
+    assert "new_base_prompt" not in res
+    again = evaluation.main(["--ckpt", os.path.join(out, "prompt.pt"), "--workers", "0"])
+    assert again["base"] == res["base"] and again["new"] == res["new"]
+    everything = evaluation.evaluate_checkpoints(os.path.join(out, "prompt.pt"), "all", dict(workers=0))
+    assert set(everything) == {"all"}
+
+
+def test_zero_shot_baseline(tmp_path, demo_root, tiny_clip_path):
+    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", "zsclip")
+    assert res["method"] == "none" and not os.path.exists(os.path.join(out, "prompt.pt"))
+    assert res["hm"] == pytest.approx(evaluation.harmonic_mean(res["base"], res["new"]))
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, demo_root, tiny_clip_path, monkeypatch):
+    ref, ref_out = run_train(tmp_path / "a", demo_root, tiny_clip_path, "--epochs", "4")
+    real_save, calls = train.save_atomic, []
+
+    def crash_after_first_epoch(obj, path):
+        real_save(obj, path)
+        calls.append(path)
+        if path.endswith("base_last.pt"):
+            raise KeyboardInterrupt  # killed right after epoch 1 of the base step was saved
+    monkeypatch.setattr(train, "save_atomic", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "b", demo_root, tiny_clip_path, "--epochs", "4")
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    assert torch.load(calls[-1], weights_only=False)["epoch"] == 0
+    res, out = run_train(tmp_path / "b", demo_root, tiny_clip_path, "--epochs", "4", "--resume")
+    with open(os.path.join(out, "log.txt")) as f:
+        assert "[base] resumed from" in f.read()
+    for name in ("base_prompt.pt", "new_prompt.pt"):  # identical to the uninterrupted run
+        assert torch.equal(learned(os.path.join(out, name))["ctx"], learned(os.path.join(ref_out, name))["ctx"])
+    assert res["base"] == ref["base"] and res["new"] == ref["new"]
+
+
+def test_new_step_never_reads_new_class_labels(tmp_path, demo_root, tiny_clip_path, monkeypatch):
+    """Scrambling the hidden labels of the new-class training images leaves the new prompt bit-identical."""
+    _, out = run_train(tmp_path / "a", demo_root, tiny_clip_path, "--epochs", "2")
+    real = train.subsample_classes
+
+    def scrambled(splits, which):
+        sub, names = real(splits, which)
+        if which == "new":
+            sub["train"] = [(p, 0, c) for p, y, c in sub["train"]]  # every hidden label replaced by class 0
+        return sub, names
+    monkeypatch.setattr(train, "subsample_classes", scrambled)
+    _, out2 = run_train(tmp_path / "b", demo_root, tiny_clip_path, "--epochs", "2")
+    assert torch.equal(learned(os.path.join(out, "new_prompt.pt"))["ctx"],
+                       learned(os.path.join(out2, "new_prompt.pt"))["ctx"])
+    logs = [open(os.path.join(o, "log.txt")).read() for o in (out, out2)]
+    agree = [[l.split("pl_acc ")[1].split(")")[0] for l in lg.splitlines() if "pl_acc" in l] for lg in logs]
+    assert agree[0] != agree[1]  # the diagnostic saw the scrambled labels; training did not
+
+
+def test_stage_new_from_a_base_prompt(tmp_path, demo_root, tiny_clip_path):
+    _, out = run_train(tmp_path / "a", demo_root, tiny_clip_path, "--epochs", "2", "--stage", "base")
+    assert not os.path.exists(os.path.join(out, "new_prompt.pt"))
+    res, out2 = run_train(tmp_path / "b", demo_root, tiny_clip_path, "--epochs", "2", "--stage", "new",
+                          "--init_from", os.path.join(out, "base_prompt.pt"), "--pseudo_labeler", "tuned",
+                          "--pseudo_label_every", "epoch")
+    assert os.path.isfile(os.path.join(out2, "new_prompt.pt"))
+    with open(os.path.join(out, "results.json")) as f:
+        assert res["base"] == json.load(f)["base"]  # base accuracy comes from the base-step prompt
+
+
+# -- bad input: a clear error and no half-written output ------------------------------------------------------
+
+def write_dataset(root, classes, n=4):
+    d = os.path.join(root, "demo")
+    os.makedirs(os.path.join(d, "images"))
+    items = [[f"{c}_{k}.png", y, c] for y, c in enumerate(classes) for k in range(n)]
+    from PIL import Image
+    for rel, _, _ in items:
+        Image.new("RGB", (8, 8)).save(os.path.join(d, "images", rel))
+    with open(os.path.join(d, "split_demo.json"), "w") as f:
+        json.dump({"train": items, "val": items, "test": items}, f)
+    return root
+
+
+@pytest.mark.parametrize("extra,error,match", [
+    (["--dataset", "dtd"], FileNotFoundError, "dataset folder .*dtd not found.*split_zhou_DescribableTextures.json"),
+    (["--anchors", "4", "--topk", "3"], ValueError, "exceeds the 6 base classes.*Largest valid"),
+    (["--topk", "6", "--anchors", "1"], ValueError, "must be smaller than the number of base classes"),
+    (["--stage", "new"], FileNotFoundError, "needs the base-step prompt"),
+    (["--init_from", "nowhere.pt"], FileNotFoundError, "nowhere.pt not found"),
+    (["--shots", "40"], ValueError, "largest valid value for this dataset is 16"),
+])
+def test_bad_settings_fail_before_writing(tmp_path, demo_root, tiny_clip_path, extra, error, match):
+    with pytest.raises(error, match=match):
+        run_train(tmp_path, demo_root, tiny_clip_path, *extra)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_backbone_and_dataset(tmp_path, demo_root, tiny_clip_path, capsys):
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", "cocoop")
+    assert "unknown backbone 'cocoop'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown dataset"):
+        run_train(tmp_path, demo_root, tiny_clip_path, "--dataset", "mnist")
+
+
+def test_too_few_classes(tmp_path, tiny_clip_path):
+    root = write_dataset(str(tmp_path / "one"), ["cat"])
+    with pytest.raises(ValueError, match="no new classes"):
+        run_train(tmp_path, root, tiny_clip_path, "--shots", "4")
+    root = write_dataset(str(tmp_path / "two"), ["cat", "dog"])
+    with pytest.raises(ValueError, match="at least 2 base classes"):
+        run_train(tmp_path, root, tiny_clip_path, "--shots", "4", "--topk", "2", "--anchors", "1")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_eval_refuses_missing_and_mismatched_checkpoints(tmp_path, demo_root, tiny_clip_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        evaluation.main(["--ckpt", str(tmp_path / "missing.pt")])
+    _, out = run_train(tmp_path, demo_root, tiny_clip_path, "--method", "none", "--epochs", "1")
+    ck = os.path.join(out, "prompt.pt")
+    with pytest.raises(ValueError, match="not 'maple'"):
+        evaluation.main(["--ckpt", ck, "--backbone", "maple"])
+    other = write_dataset(str(tmp_path / "other"), ["cat", "dog", "fox", "owl"], n=8)  # same dataset name, other classes
+    with pytest.raises(ValueError, match="class names .* do not match"):
+        evaluation.main(["--ckpt", ck, "--root", other, "--workers", "0"])
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": 1}, bogus)
+    with pytest.raises(ValueError, match="not a prompt checkpoint"):
+        evaluation.main(["--ckpt", str(bogus)])
