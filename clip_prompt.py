@@ -16,11 +16,12 @@ with the template "a photo of a {}." exactly (tests/test_clip_prompt.py checks t
 
 Every learner has the same small interface, and nothing here knows about MAO (it imports nothing from
 sampler.py, losses.py or pseudolabel.py):
-    learner(images, class_ids) -> Output(logits, frozen_image_features, losses)
+    learner(images, class_ids) -> Output(logits, frozen_image_features, reg)
     learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features
     learner.set_classnames(names)                                  # re-target, keeping learned tensors
     learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
 """
+import copy
 import os
 import warnings
 from collections import namedtuple
@@ -100,22 +101,52 @@ def save_clip(model, path):
 # -----------------------------------------------------------------------------
 # Encoders, re-running CLIP's submodules (shapes: C classes, B images, L=77 tokens, D width)
 
-def encode_token_embeddings(model, x, eot):
-    """Text features from token embeddings x (C, 77, D) -- the path of CLIP's encode_text after its embedding."""
-    x = x + model.positional_embedding.type(x.dtype)  # the learnable context gets positions too
+def encode_token_embeddings(model, x, eot, deep=None):
+    """Text features from token embeddings x (C, 77, D): the path of CLIP's encode_text after its embedding.
+
+    deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the hidden state
+    (what block i-1 produced there), for every class. They get no positional embedding. None = CoOp.
+    """
+    x = x + model.positional_embedding.type(x.dtype)  # the layer-0 context gets positions too
     x = x.permute(1, 0, 2)  # NLD -> LND (CLIP's attention is not batch_first)
-    x = model.transformer(x)  # the causal mask lives inside each block
+    for i, block in enumerate(model.transformer.resblocks):  # the causal mask lives inside each block
+        if deep is not None and 1 <= i <= len(deep):
+            p = deep[i - 1].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n, C, D)
+            x = torch.cat([x[:1], p, x[1 + p.shape[0]:]], dim=0)
+        x = block(x)
     x = x.permute(1, 0, 2)  # LND -> NLD
     x = model.ln_final(x).type(model.dtype)
     return x[torch.arange(x.shape[0], device=x.device), eot] @ model.text_projection  # (C, E) at [EOS]
 
 
-def encode_image(model, images):
-    """CLIP's own image encoder: CLS token after ln_post, projected. (B, 3, R, R) -> (B, E)."""
-    return model.visual(images.type(model.dtype))
+def encode_image(model, images, shallow=None, deep=None):
+    """CLIP's image encoder, optionally with vision prompts (B, 3, R, R) -> (B, E).
+
+    shallow: (n, Dv) prompts appended after the patch tokens at layer 0 (after the positional embedding, before
+    ln_pre); deep: prompts (n, Dv) for layers 1..J-1 that replace the last n tokens before those blocks.
+    With no prompts this is exactly CLIP's own model.visual.
+    """
+    v = model.visual
+    if shallow is None:
+        return v(images.type(model.dtype))
+    x = v.conv1(images.type(model.dtype))  # (B, Dv, grid, grid)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, grid**2, Dv)
+    cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + grid**2, Dv)
+    n = shallow.shape[0]
+    x = torch.cat([x, shallow.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # no positions
+    x = v.ln_pre(x).permute(1, 0, 2)  # NLD -> LND
+    for i, block in enumerate(v.transformer.resblocks):
+        if deep is not None and 1 <= i <= len(deep):
+            p = deep[i - 1].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n, B, Dv)
+            x = torch.cat([x[: x.shape[0] - n], p], dim=0)
+        x = block(x)
+    return v.ln_post(x[0]) @ v.proj  # CLS token only; every prompt output is dropped
 
 
-Output = namedtuple("Output", "logits frozen_image_features losses")
+# logits over the requested classes; plain-CLIP image features if the forward computed them (else None);
+# reg: tensors a backbone's own self-regulating losses need (PromptSRC), None for the others
+Output = namedtuple("Output", "logits frozen_image_features reg")
 
 
 def zero_shot_text_features(model, classnames, template="a photo of a {}."):
@@ -151,7 +182,7 @@ class ZeroShotCLIP(nn.Module):
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E)
         logits = self.clip.logit_scale.exp().float() * img @ self.encode_text(class_ids).t()  # Eq. (3)
-        return Output(logits, img, {})
+        return Output(logits, img, None)
 
     def learned_state(self):
         return {}
@@ -168,13 +199,16 @@ class CoOp(nn.Module):
     """CoOp prompt learner. Learnable tensors are fp32 and cast to CLIP's dtype where they enter the sequence."""
     frozen_image_encoder = True  # image features are plain CLIP's, so others may reuse them
 
-    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a"):
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", keep_phrase=False):
         super().__init__()
         self.clip = model
         D = model.ln_final.weight.shape[0]
-        if ctx_init:
-            # CoOp's rule: with an init phrase, M = its number of words and V1..VM start at their embeddings
-            n_ctx = len(ctx_init.split())
+        words = len(ctx_init.split()) if ctx_init else 0
+        if ctx_init and not keep_phrase:
+            n_ctx = words  # CoOp's rule: M = the number of words of the init phrase
+        if ctx_init and n_ctx <= words:
+            # V1..VM start at the embeddings of the phrase's first M tokens. MaPLe / IVLP keep the whole phrase in
+            # the sequence, so with M = 2 the words "of a" stay fixed after the two learnable slots.
             ids = clip.tokenize(ctx_init).to(model.token_embedding.weight.device)
             with torch.no_grad():
                 ctx = model.token_embedding(ids)[0, 1:1 + n_ctx].float()  # (M, D)
@@ -209,17 +243,23 @@ class CoOp(nn.Module):
             pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
         ctx = self.ctx.to(pre.dtype).unsqueeze(0).expand(pre.shape[0], -1, -1)  # (C', M, D)
         x = torch.cat([pre, ctx, suf], dim=1)  # (C', 77, D): [SOS][V1..VM][CLASS][.][EOS]
-        return F.normalize(encode_token_embeddings(self.clip, x, eot).float(), dim=-1)
+        return F.normalize(encode_token_embeddings(self.clip, x, eot, self.deep_text()).float(), dim=-1)
 
     def encode_image(self, images):
-        return F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
+        return F.normalize(encode_image(self.clip, images, *self.vision_prompts()).float(), dim=-1)  # (B, E)
+
+    def deep_text(self):
+        return None  # CoOp: shallow text prompt only
+
+    def vision_prompts(self):
+        return None, None  # CoOp: CLIP's image encoder untouched
 
     def forward(self, images, class_ids=None):
         """Logits over class_ids (all classes if None), the frozen image features, and no extra losses."""
         img = self.encode_image(images)  # (B, E); CLIP's image encoder is frozen in CoOp
         txt = self.encode_text(class_ids)  # (C', E)
         logits = self.clip.logit_scale.exp().float() * img @ txt.t()  # Eq. (3): cos / tau, tau = 1/100
-        return Output(logits, img.detach(), {})
+        return Output(logits, img.detach(), None)
 
     def learned_state(self):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -236,14 +276,116 @@ class CoOp(nn.Module):
                 p.copy_(state[n].to(p.device, p.dtype))
 
 
-BACKBONES = ("zsclip", "coop")
+# -----------------------------------------------------------------------------
+# IVLP (PromptSRC's backbone): independent deep prompts in both encoders (PromptSRC §3.1, arXiv 2307.06948)
+
+class IVLP(CoOp):
+    """n_t text and n_v vision prompts at each of the first J layers of each encoder, learned independently."""
+    frozen_image_encoder = False  # the vision prompts change the image features
+
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9, depth_vis=9):
+        super().__init__(model, classnames, n_ctx, ctx_init, keep_phrase=True)
+        Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
+        self.text_prompts = nn.ParameterList(nn.Parameter(torch.empty(n_ctx, Dt).normal_(std=0.02))
+                                             for _ in range(depth_text - 1))  # layers 1..J-1, each (n_t, Dt)
+        self.vis_ctx = nn.Parameter(torch.empty(n_vis, Dv).normal_(std=0.02))  # layer 0, (n_v, Dv)
+        self.vis_prompts = nn.ParameterList(nn.Parameter(torch.empty(n_vis, Dv).normal_(std=0.02))
+                                            for _ in range(depth_vis - 1))  # layers 1..J-1
+
+    def deep_text(self):
+        return list(self.text_prompts)
+
+    def vision_prompts(self):
+        return (self.vis_ctx, list(self.vis_prompts)) if self.vis_ctx.shape[0] else (None, None)
 
 
-def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}."):
+# PromptSRC's frozen text targets: the first 60 of CLIP's 80 ImageNet templates (PromptSRC's list, as a set)
+PROMPTSRC_TEMPLATES = [
+    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.",
+    "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
+    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.",
+]
+
+
+class PromptSRC(IVLP):
+    """IVLP plus self-regulation towards frozen CLIP (PromptSRC §3.2): the forward also returns the frozen
+    targets, and losses.self_regulating_losses turns them into the three SCL terms during training."""
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        # frozen text target: the mean of the *unnormalised* template features, normalised at use (PromptSRC code)
+        device = self.clip.token_embedding.weight.device
+        names = [c.replace("_", " ") for c in self.classnames]
+        with torch.no_grad():
+            feats = torch.stack([self.clip.encode_text(clip.tokenize([t.format(c) for c in names]).to(device)).float()
+                                 for t in PROMPTSRC_TEMPLATES])  # (60, C, E)
+        self.register_buffer("text_target", F.normalize(feats.mean(0), dim=-1), persistent=False)  # (C, E)
+
+    def forward(self, images, class_ids=None):
+        img = self.encode_image(images)  # (B, E), prompted
+        txt = self.encode_text()  # (C, E): every class, the text term and the KL need them all
+        scale = self.clip.logit_scale.exp().float()
+        logits_all = scale * img @ txt.t()  # (B, C)
+        logits = logits_all if class_ids is None else logits_all[:, class_ids]  # Eq. (3) over the requested classes
+        if not self.training:
+            return Output(logits, None, None)
+        with torch.no_grad():  # the frozen image encoder on the same augmented batch
+            img0 = F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
+        reg = dict(text=txt, text_target=self.text_target, image=img, image_target=img0, logits=logits_all,
+                   logits_target=scale * img0 @ self.text_target.t())
+        return Output(logits, img0, reg)
+
+
+# -----------------------------------------------------------------------------
+# MaPLe: vision prompts are projections of the text prompts at each layer (MaPLe §3.2, arXiv 2210.03117)
+
+class MaPLe(CoOp):
+    """n text prompts at layers 0..J-1; the vision prompts of layer i are Linear(Dt -> Dv) of layer i's text prompts."""
+    frozen_image_encoder = False
+
+    def __init__(self, model, classnames, n_ctx=2, ctx_init="a photo of a", depth=9):
+        super().__init__(model, classnames, n_ctx, ctx_init, keep_phrase=True)
+        Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
+        self.proj = nn.Linear(Dt, Dv)  # coupling function of layer 0
+        self.text_prompts = nn.ParameterList(nn.Parameter(torch.empty(n_ctx, Dt).normal_(std=0.02))
+                                             for _ in range(depth - 1))  # layers 1..J-1
+        one = nn.Linear(Dt, Dv)  # the official code deep-copies one Linear, so the J-1 deep couplings start equal
+        self.projs = nn.ModuleList(copy.deepcopy(one) for _ in range(depth - 1))
+
+    def deep_text(self):
+        return list(self.text_prompts)
+
+    def vision_prompts(self):
+        deep = [f(p) for f, p in zip(self.projs, self.text_prompts)]  # (n, Dv) each
+        return self.proj(self.ctx), deep
+
+
+BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp")
+
+
+def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.",
+                  n_vis=4, depth=9):
     """The prompt learner for a backbone name, on the device of the frozen CLIP."""
     device = model.token_embedding.weight.device
     if backbone == "zsclip":
         return ZeroShotCLIP(model, classnames, template).to(device)
     if backbone == "coop":
         return CoOp(model, classnames, n_ctx, ctx_init).to(device)
+    if backbone in ("ivlp", "promptsrc"):
+        cls = IVLP if backbone == "ivlp" else PromptSRC
+        return cls(model, classnames, n_ctx, ctx_init, n_vis, depth, depth).to(device)
+    if backbone == "maple":
+        return MaPLe(model, classnames, n_ctx, ctx_init, depth).to(device)
     raise ValueError(f"unknown backbone '{backbone}'. Choose one of: {', '.join(BACKBONES)}")

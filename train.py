@@ -29,7 +29,8 @@ from clip_prompt import BACKBONES, ZeroShotCLIP, build_learner, load_clip
 from data import (DATASETS, ImageList, build_transforms, dataset_spec, fewshot_splits, hide_labels, make_demo,
                   subsample_classes)
 from eval import accuracy, harmonic_mean, test_loader
-from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
+from losses import (cross_entropy, dynamic_candidate_loss, dynamic_candidates, gpa_weights, pseudo_label_loss,
+                    self_regulating_losses)
 from pseudolabel import PseudoLabeler
 from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
 
@@ -41,11 +42,21 @@ PRESETS = {
     ("coop", "none"): dict(epochs=200, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
     # MAO on CoOp (MAO Supp. B): the baseline's 20 epochs split 10 + 10, lr 0.0035, 4 tokens from "a photo of a"
     ("coop", "mao"): dict(epochs=20, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
+    # MaPLe (vit_b16_c2_ep5_batch4_2ctx): 2 tokens, depth 9, batch 4, lr 0.0035, 5 epochs
+    ("maple", "none"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=2, depth=9),
+    ("maple", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=2, depth=9),
+    # PromptSRC (vit_b16_c2_ep20_batch4_4+4ctx): 4+4 tokens, depth 9, batch 4, lr 0.0025, 20 epochs, GPA 15 / 1
+    ("promptsrc", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9, gpa_mean=15, gpa_std=1),
+    ("promptsrc", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9, gpa_mean=15, gpa_std=1),
+    # IVLP (PromptSRC's baseline, vit_b16_c2_ep20_batch4_4+4ctx): PromptSRC without self-regulation and GPA
+    ("ivlp", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9),
+    ("ivlp", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9),
 }
 # MAO Supp. B / §4.4: anchors b and Top-K per dataset (b*K must not exceed the number of base classes)
 DATASET_PRESETS = {"dtd": dict(anchors=2, topk=8), "oxford_pets": dict(anchors=2, topk=8),
                    "eurosat": dict(anchors=2, topk=2), "demo": dict(anchors=2, topk=3)}
-DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8)
+DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8, n_vis=4,
+                depth=9, gpa_mean=0, gpa_std=0)
 
 
 def parse_args(argv=None):
@@ -59,7 +70,13 @@ def parse_args(argv=None):
     ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
     ap.add_argument("--clip", default="ViT-B/16", help="CLIP name, local checkpoint path, or 'tiny' (random, tests)")
     ap.add_argument("--n_ctx", type=int, help="M: learnable context tokens (CoOp §3). Base-to-new: 4 (from ctx_init)")
-    ap.add_argument("--ctx_init", help="phrase initialising the context (sets M to its word count); '' = random init")
+    ap.add_argument("--ctx_init", help="phrase initialising the context (CoOp: M = its word count); '' = random init")
+    ap.add_argument("--n_vis", type=int, help="vision prompt tokens (IVLP/PromptSRC §3.1). Paper: 4")
+    ap.add_argument("--depth", type=int, help="J: layers carrying prompts (MaPLe §3.2, PromptSRC). Paper: 9")
+    ap.add_argument("--text_weight", type=float, default=25.0, help="PromptSRC L_SCL text weight (§3.2). Paper: 25")
+    ap.add_argument("--image_weight", type=float, default=10.0, help="PromptSRC L_SCL image weight (§3.2). Paper: 10")
+    ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA Gaussian mean epoch (§3.3); 0 = off. Paper: 15")
+    ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA Gaussian std (§3.3). Paper: 1")
     # -- MAO --
     ap.add_argument("--method", default="mao", choices=["mao", "none"], help="mao: two-step MAO; none: backbone as published")
     ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="run MAO's base step, new step or both")
@@ -77,7 +94,7 @@ def parse_args(argv=None):
     # -- optim --
     ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
     ap.add_argument("--lr", type=float, help="SGD learning rate (CoOp 0.002; MAO 0.0035)")
-    ap.add_argument("--batch_size", type=int, help="images per step for --method none (CoOp: 32)")
+    ap.add_argument("--batch_size", type=int, help="images per step for --method none (CoOp 32; MaPLe, PromptSRC 4)")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight_decay", type=float, default=5e-4)
     ap.add_argument("--warmup_epochs", type=int, default=1, help="constant warm-up epochs before the cosine (Dassl)")
@@ -155,7 +172,11 @@ def prompt_checkpoint(learner, args, subsample, epoch, stage):
     """Learnable tensors + what is needed to rebuild them; never the frozen CLIP weights."""
     return {"learned": learner.learned_state(), "backbone": args.backbone, "dataset": args.dataset,
             "classnames": list(learner.classnames), "subsample": subsample, "stage": stage, "epoch": epoch,
-            "learner_kwargs": dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init), "args": vars(args)}
+            "learner_kwargs": learner_kwargs(args), "args": vars(args)}
+
+
+def learner_kwargs(args):
+    return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, n_vis=args.n_vis, depth=args.depth)
 
 
 def seed_everything(seed):
@@ -168,18 +189,20 @@ def seed_everything(seed):
 # One training stage: SGD + warm-up/cosine, an explicit epoch loop, a checkpoint after every epoch
 
 def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log):
-    """Train the learner's prompt for `epochs` epochs; loss_fn(batch) -> (loss, {name: value}) per step."""
+    """Train the learner's prompt for `epochs` epochs; loss_fn(batch) -> (loss, {name: value}) per step.
+    With --gpa_mean > 0 (PromptSRC), the prompts are finally replaced by their Gaussian-weighted epoch average."""
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP: scale the loss
     last = os.path.join(args.out, f"{stage}_last.pt")
-    start = 0
+    start, gpa = 0, None
+    weights = gpa_weights(epochs, args.gpa_mean, args.gpa_std) if args.gpa_mean > 0 else None
     if args.resume and os.path.isfile(last):
         ck = torch.load(last, map_location=device, weights_only=False)
         learner.load_learned(ck["learned"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        start = ck["epoch"] + 1
+        start, gpa = ck["epoch"] + 1, ck.get("gpa")
         log(f"[{stage}] resumed from {last}: epoch {start}/{epochs} next")
     n_it, t0, done = len(loader), time.time(), 0
     for epoch in range(start, epochs):
@@ -215,8 +238,14 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log):
                 avg = " ".join(f"{k} {v / (it + 1):.3g}" for k, v in sums.items())
                 log(f"[{stage}] ep {epoch + 1}/{epochs} | it {it + 1}/{n_it} | loss {loss.item():.4f} ({avg}) | "
                     f"lr {lr:.1e} | {dt:.2f} s/it | eta {eta / 60:.1f}m | mem {memory_gb(device):.1f}G")
+        if weights is not None:  # Gaussian prompt aggregation: an epoch-level step, learnable tensors only, fp32
+            state = learner.learned_state()
+            gpa = {k: (0 if gpa is None else gpa[k]) + weights[epoch] * v.float() for k, v in state.items()}
         save_atomic({"learned": learner.learned_state(), "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch}, last)
+                     "scaler": scaler.state_dict(), "epoch": epoch, "gpa": gpa}, last)
+    if weights is not None:
+        learner.load_learned(gpa)
+        log(f"[{stage}] prompts := Gaussian average over epochs (weights {', '.join(f'{w:.3g}' for w in weights)})")
     return learner
 
 
@@ -249,7 +278,8 @@ def main(argv=None):
     model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
     train_tf, test_tf = build_transforms(model.visual.input_resolution)
     template = DATASETS[args.dataset]["template"] if args.backbone == "zsclip" else "a photo of a {}."
-    learner = build_learner(args.backbone, model, base_names, args.n_ctx, args.ctx_init, template)
+    kwargs = learner_kwargs(args)
+    learner = build_learner(args.backbone, model, base_names, template=template, **kwargs)
     if args.init_from:
         init = torch.load(args.init_from, map_location=device, weights_only=False) if os.path.isfile(args.init_from) \
             else None
@@ -280,6 +310,9 @@ def main(argv=None):
     log(f"{args.backbone} on {args.dataset}: {len(base_names)} base / {len(new_names)} new classes, "
         f"{len(base['train'])} base train images, {nparams:,} learnable parameters, {device} {args.precision}")
 
+    def backbone_losses(out):  # the backbone's own regularisers (PromptSRC's SCL), identical with or without MAO
+        return self_regulating_losses(out.reg, args.text_weight, args.image_weight) if out.reg is not None else {}
+
     def make_loader(items, batch_size=None, batch_sampler=None, transform=train_tf):
         ds = ImageList(image_dir, items, transform)
         kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)  # fresh workers re-seeded every epoch
@@ -296,7 +329,8 @@ def main(argv=None):
             images, labels, _ = batch
             out = learner(images.to(device))  # logits over all base classes
             ce = cross_entropy(out.logits, labels.to(device))  # Eq. (2)
-            return ce + sum(out.losses.values()), {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}}
+            extra = backbone_losses(out)
+            return ce + sum(extra.values()), {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}}
         train_stage("base", learner, make_loader(base["train"], args.batch_size), plain_loss, args.epochs, args,
                     device, log)
         save_atomic(prompt_checkpoint(learner, args, "base", args.epochs, "base"), os.path.join(args.out, "prompt.pt"))
@@ -310,8 +344,9 @@ def main(argv=None):
             candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. (5)
             out = learner(images.to(device), candidates)  # text encoder runs for the candidates only
             ce = dynamic_candidate_loss(out.logits, targets)  # Eq. (6)
-            parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "cand": len(candidates)}
-            return ce + sum(out.losses.values()), parts  # the backbone's own other losses are kept unchanged
+            extra = backbone_losses(out)  # the backbone's own other losses are kept unchanged
+            parts = {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}, "cand": len(candidates)}
+            return ce + sum(extra.values()), parts
         train_stage("base", learner, make_loader(base["train"], batch_sampler=sampler), base_step_loss,
                     args.epochs // 2, args, device, log)
         save_atomic(prompt_checkpoint(learner, args, "base", args.epochs // 2, "base"),
@@ -324,7 +359,7 @@ def main(argv=None):
         if args.pseudo_labeler == "clip":
             teacher = ZeroShotCLIP(model, new_names, "a photo of a {}.")  # foundation CLIP (paper, Table 5)
         else:
-            teacher = build_learner(args.backbone, model, new_names, args.n_ctx, args.ctx_init)
+            teacher = build_learner(args.backbone, model, new_names, **kwargs)
             teacher.load_learned(base_state)  # the frozen base-step prompt (official code)
             teacher.requires_grad_(False)
         labeler = PseudoLabeler(teacher)
@@ -343,10 +378,11 @@ def main(argv=None):
             with torch.no_grad():
                 pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. (7)
             ce = pseudo_label_loss(out.logits, pseudo)  # Eq. (8)
+            extra = backbone_losses(out)
             # diagnostic only, never part of the loss: how often the pseudo-label equals the hidden true label
             agree = (pseudo.cpu() == hidden[idx]).float().mean().item()
-            parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": agree}
-            return ce + sum(out.losses.values()), parts
+            parts = {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}, "pl_acc": agree}
+            return ce + sum(extra.values()), parts
 
         new_epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
         train_stage("new", learner, make_loader(unlabeled, args.new_batch_size), new_step_loss, new_epochs, args,
