@@ -46,8 +46,10 @@ PRESETS = {
     ("maple", "none"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=2, depth=9),
     ("maple", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=2, depth=9),
     # PromptSRC (vit_b16_c2_ep20_batch4_4+4ctx): 4+4 tokens, depth 9, batch 4, lr 0.0025, 20 epochs, GPA 15 / 1
-    ("promptsrc", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9, gpa_mean=15, gpa_std=1),
-    ("promptsrc", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9, gpa_mean=15, gpa_std=1),
+    ("promptsrc", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9, gpa_mean=15, gpa_std=1,
+                                text_weight=25.0, image_weight=10.0),
+    ("promptsrc", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9, gpa_mean=15, gpa_std=1,
+                               text_weight=25.0, image_weight=10.0),
     # IVLP (PromptSRC's baseline, vit_b16_c2_ep20_batch4_4+4ctx): PromptSRC without self-regulation and GPA
     ("ivlp", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9),
     ("ivlp", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9),
@@ -73,8 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--ctx_init", help="phrase initialising the context (CoOp: M = its word count); '' = random init")
     ap.add_argument("--n_vis", type=int, help="vision prompt tokens (IVLP/PromptSRC §3.1). Paper: 4")
     ap.add_argument("--depth", type=int, help="J: layers carrying prompts (MaPLe §3.2, PromptSRC). Paper: 9")
-    ap.add_argument("--text_weight", type=float, default=25.0, help="PromptSRC L_SCL text weight (§3.2). Paper: 25")
-    ap.add_argument("--image_weight", type=float, default=10.0, help="PromptSRC L_SCL image weight (§3.2). Paper: 10")
+    ap.add_argument("--text_weight", type=float, help="PromptSRC L_SCL text weight (§3.2). Paper: 25")
+    ap.add_argument("--image_weight", type=float, help="PromptSRC L_SCL image weight (§3.2). Paper: 10")
     ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA Gaussian mean epoch (§3.3); 0 = off. Paper: 15")
     ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA Gaussian std (§3.3). Paper: 1")
     # -- MAO --
@@ -115,6 +117,8 @@ def parse_args(argv=None):
         ap.error(f"unknown backbone '{args.backbone}'. Choose one of: {', '.join(BACKBONES)}")
     if args.backbone == "zsclip":
         args.method = "none"  # nothing to train
+    if args.backbone != "promptsrc" and (args.text_weight is not None or args.image_weight is not None):
+        ap.error("--text_weight / --image_weight weight PromptSRC's self-regulating losses; use --backbone promptsrc")
     preset = dict(DEFAULTS, **PRESETS.get((args.backbone, args.method), {}), **DATASET_PRESETS.get(args.dataset, {}))
     if (args.backbone, args.method) == ("coop", "none") and args.dataset == "imagenet":
         preset["epochs"] = 50  # vit_b16_ep50_ctxv1
