@@ -139,7 +139,7 @@ def main(argv=None):
         r = res[k]
         print(f"| {label} | {r['min']:.4g} s | {r['median']:.4g} s | {r['max']:.4g} s |")
     print(f"\nbase/plain {res['ratio_base_vs_plain']:.3f}x | new/plain {res['ratio_new_vs_plain']:.3f}x | "
-          f"sampler {100 * res['sampler_share_of_base_step']:.4f}% of a base step")
+          f"sampler {100 * res['sampler_share_of_base_step']:.2g}% of a base step")
     print("text encoder fwd+bwd (median s) by number of classes: " +
           ", ".join(f"{n}: {r['median']:.3g}" for n, r in res["text_encoder_s"].items()))
     with open(a.out, "w") as f:
