@@ -285,11 +285,9 @@ def main(argv=None):
     kwargs = learner_kwargs(args)
     learner = build_learner(args.backbone, model, base_names, template=template, **kwargs)
     if args.init_from:
-        init = torch.load(args.init_from, map_location=device, weights_only=False) if os.path.isfile(args.init_from) \
-            else None
-        if init is None:
+        if not os.path.isfile(args.init_from):
             raise FileNotFoundError(f"--init_from {args.init_from} not found")
-        learner.load_learned(init["learned"])
+        learner.load_learned(torch.load(args.init_from, map_location=device, weights_only=False)["learned"])
     mao_base = args.method == "mao" and args.stage in ("both", "base")
     mao_new = args.method == "mao" and args.stage in ("both", "new")
     if mao_base:
