@@ -82,7 +82,7 @@ def main(argv=None):
     opt = torch.optim.SGD([learner.ctx], lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=next(model.parameters()).dtype == torch.float16)
 
-    def step(loss):
+    def step(loss, opt=opt):
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -102,9 +102,7 @@ def main(argv=None):
     def new():
         out = learner_new(images)
         pseudo = labeler(images, out.frozen_image_features)  # Eq. (7), no second image forward
-        opt_new.zero_grad(set_to_none=True)
-        pseudo_label_loss(out.logits, pseudo).backward()  # Eq. (8)
-        opt_new.step()
+        step(pseudo_label_loss(out.logits, pseudo), opt_new)  # Eq. (8)
 
     nb = torch.stack([torch.randperm(a.base_classes)[:a.topk] for _ in range(a.base_classes)])
     nb[:, 0] = torch.arange(a.base_classes)

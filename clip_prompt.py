@@ -279,6 +279,11 @@ class CoOp(nn.Module):
 # -----------------------------------------------------------------------------
 # IVLP (PromptSRC's backbone): independent deep prompts in both encoders (PromptSRC §3.1, arXiv 2307.06948)
 
+def deep_prompts(n, dim, depth):
+    """The prompts of layers 1..J-1: J-1 free (n, dim) tensors drawn from N(0, 0.02)."""
+    return nn.ParameterList(nn.Parameter(torch.empty(n, dim).normal_(std=0.02)) for _ in range(depth - 1))
+
+
 class IVLP(CoOp):
     """n_t text and n_v vision prompts at each of the first J layers of each encoder, learned independently."""
     frozen_image_encoder = False  # the vision prompts change the image features
@@ -286,11 +291,9 @@ class IVLP(CoOp):
     def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9, depth_vis=9):
         super().__init__(model, classnames, n_ctx, ctx_init, keep_phrase=True)
         Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
-        self.text_prompts = nn.ParameterList(nn.Parameter(torch.empty(n_ctx, Dt).normal_(std=0.02))
-                                             for _ in range(depth_text - 1))  # layers 1..J-1, each (n_t, Dt)
+        self.text_prompts = deep_prompts(n_ctx, Dt, depth_text)  # layers 1..J-1, each (n_t, Dt)
         self.vis_ctx = nn.Parameter(torch.empty(n_vis, Dv).normal_(std=0.02))  # layer 0, (n_v, Dv)
-        self.vis_prompts = nn.ParameterList(nn.Parameter(torch.empty(n_vis, Dv).normal_(std=0.02))
-                                            for _ in range(depth_vis - 1))  # layers 1..J-1
+        self.vis_prompts = deep_prompts(n_vis, Dv, depth_vis)  # layers 1..J-1, each (n_v, Dv)
 
     def deep_text(self):
         return list(self.text_prompts)
@@ -325,13 +328,19 @@ class PromptSRC(IVLP):
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        # frozen text target: the mean of the *unnormalised* template features, normalised at use (PromptSRC code)
-        device = self.clip.token_embedding.weight.device
-        names = [c.replace("_", " ") for c in self.classnames]
-        with torch.no_grad():
-            feats = torch.stack([self.clip.encode_text(clip.tokenize([t.format(c) for c in names]).to(device)).float()
-                                 for t in PROMPTSRC_TEMPLATES])  # (60, C, E)
-        self.register_buffer("text_target", F.normalize(feats.mean(0), dim=-1), persistent=False)  # (C, E)
+        self._text_target = None  # the frozen targets are only needed in training: built on first use
+
+    @property
+    def text_target(self):
+        """Frozen text target: the mean of the *unnormalised* 60-template features, normalised (PromptSRC code)."""
+        if self._text_target is None:
+            device = self.clip.token_embedding.weight.device
+            names = [c.replace("_", " ") for c in self.classnames]
+            with torch.no_grad():
+                feats = torch.stack([self.clip.encode_text(clip.tokenize([t.format(c) for c in names]).to(device))
+                                     .float() for t in PROMPTSRC_TEMPLATES])  # (60, C, E)
+            self._text_target = F.normalize(feats.mean(0), dim=-1)  # (C, E), once per list of class names
+        return self._text_target
 
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E), prompted
@@ -343,8 +352,9 @@ class PromptSRC(IVLP):
             return Output(logits, None, None)
         with torch.no_grad():  # the frozen image encoder on the same augmented batch
             img0 = F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
-        reg = dict(text=txt, text_target=self.text_target, image=img, image_target=img0, logits=logits_all,
-                   logits_target=scale * img0 @ self.text_target.t())
+        t0 = self.text_target  # (C, E)
+        reg = dict(text=txt, text_target=t0, image=img, image_target=img0, logits=logits_all,
+                   logits_target=scale * img0 @ t0.t())
         return Output(logits, img0, reg)
 
 
@@ -359,8 +369,7 @@ class MaPLe(CoOp):
         super().__init__(model, classnames, n_ctx, ctx_init, keep_phrase=True)
         Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
         self.proj = nn.Linear(Dt, Dv)  # coupling function of layer 0
-        self.text_prompts = nn.ParameterList(nn.Parameter(torch.empty(n_ctx, Dt).normal_(std=0.02))
-                                             for _ in range(depth - 1))  # layers 1..J-1
+        self.text_prompts = deep_prompts(n_ctx, Dt, depth)  # layers 1..J-1
         one = nn.Linear(Dt, Dv)  # the official code deep-copies one Linear, so the J-1 deep couplings start equal
         self.projs = nn.ModuleList(copy.deepcopy(one) for _ in range(depth - 1))
 

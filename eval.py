@@ -84,8 +84,6 @@ def evaluate_checkpoints(run, subsample=None, overrides=None):
     if device == "auto" or (device.startswith("cuda") and not torch.cuda.is_available()):
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU-trained prompt evaluates on CPU too
     device = torch.device(device)
-    if device.type == "cpu":
-        a["precision"] = "fp32"
     model = load_clip(a["clip"], device, a.get("precision", "auto"), cache_dir=a["root"])
     _, test_tf = build_transforms(model.visual.input_resolution)
     splits, image_dir = fewshot_splits(a["dataset"], a["root"], a["shots"], a["seed"])

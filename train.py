@@ -242,10 +242,10 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log):
                 avg = " ".join(f"{k} {v / (it + 1):.3g}" for k, v in sums.items())
                 log(f"[{stage}] ep {epoch + 1}/{epochs} | it {it + 1}/{n_it} | loss {loss.item():.4f} ({avg}) | "
                     f"lr {lr:.1e} | {dt:.2f} s/it | eta {eta / 60:.1f}m | mem {memory_gb(device):.1f}G")
+        state = learner.learned_state()
         if weights is not None:  # Gaussian prompt aggregation: an epoch-level step, learnable tensors only, fp32
-            state = learner.learned_state()
             gpa = {k: (0 if gpa is None else gpa[k]) + weights[epoch] * v.float() for k, v in state.items()}
-        save_atomic({"learned": learner.learned_state(), "optimizer": opt.state_dict(),
+        save_atomic({"learned": state, "optimizer": opt.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "gpa": gpa}, last)
     if weights is not None:
         learner.load_learned(gpa)
