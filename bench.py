@@ -89,11 +89,11 @@ def main(argv=None):
         scaler.update()
 
     def plain():
-        step(cross_entropy(learner(images).logits, labels))  # Eq. (2) over all C_b
+        step(cross_entropy(learner(images).logits, labels))  # Eq. 2 over all C_b
 
     def base():
-        cand, target = dynamic_candidates(labels)  # Eq. (5)
-        step(dynamic_candidate_loss(learner(images, cand).logits, target))  # Eq. (6), H text rows only
+        cand, target = dynamic_candidates(labels)  # Eq. 5
+        step(dynamic_candidate_loss(learner(images, cand).logits, target))  # Eq. 6, H text rows only
 
     learner_new = CoOp(model, new_names).to(device)
     opt_new = torch.optim.SGD([learner_new.ctx], lr=1e-3, momentum=0.9)
@@ -101,8 +101,8 @@ def main(argv=None):
 
     def new():
         out = learner_new(images)
-        pseudo = labeler(images, out.frozen_image_features)  # Eq. (7), no second image forward
-        step(pseudo_label_loss(out.logits, pseudo), opt_new)  # Eq. (8)
+        pseudo = labeler(images, out.frozen_image_features)  # Eq. 7, no second image forward
+        step(pseudo_label_loss(out.logits, pseudo), opt_new)  # Eq. 8
 
     nb = torch.stack([torch.randperm(a.base_classes)[:a.topk] for _ in range(a.base_classes)])
     nb[:, 0] = torch.arange(a.base_classes)

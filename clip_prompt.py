@@ -149,6 +149,12 @@ def encode_image(model, images, shallow=None, deep=None):
 Output = namedtuple("Output", "logits frozen_image_features reg")
 
 
+def clip_logits(model, image_features, text_features):
+    """p(y | I) = softmax(<g(P_t,y), f(P_v, I)> / tau) as logits: cosines of normalised features times CLIP's
+    1/tau = exp(logit_scale) (100 for the released weights) -- MAO Eq. (3). (B, E), (C, E) -> (B, C)"""
+    return model.logit_scale.exp().float() * image_features @ text_features.t()  # Eq. (3)
+
+
 def zero_shot_text_features(model, classnames, template="a photo of a {}."):
     """Normalised text features of frozen CLIP for template.format(name) (name with '_' -> ' '). (C, E)"""
     device = model.token_embedding.weight.device
@@ -181,8 +187,7 @@ class ZeroShotCLIP(nn.Module):
 
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E)
-        logits = self.clip.logit_scale.exp().float() * img @ self.encode_text(class_ids).t()  # Eq. (3)
-        return Output(logits, img, None)
+        return Output(clip_logits(self.clip, img, self.encode_text(class_ids)), img, None)
 
     def learned_state(self):
         return {}
@@ -258,8 +263,7 @@ class CoOp(nn.Module):
         """Logits over class_ids (all classes if None), the frozen image features, and no extra losses."""
         img = self.encode_image(images)  # (B, E); CLIP's image encoder is frozen in CoOp
         txt = self.encode_text(class_ids)  # (C', E)
-        logits = self.clip.logit_scale.exp().float() * img @ txt.t()  # Eq. (3): cos / tau, tau = 1/100
-        return Output(logits, img.detach(), None)
+        return Output(clip_logits(self.clip, img, txt), img.detach(), None)
 
     def learned_state(self):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -345,16 +349,15 @@ class PromptSRC(IVLP):
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E), prompted
         txt = self.encode_text()  # (C, E): every class, the text term and the KL need them all
-        scale = self.clip.logit_scale.exp().float()
-        logits_all = scale * img @ txt.t()  # (B, C)
-        logits = logits_all if class_ids is None else logits_all[:, class_ids]  # Eq. (3) over the requested classes
+        logits_all = clip_logits(self.clip, img, txt)  # (B, C)
+        logits = logits_all if class_ids is None else logits_all[:, class_ids]  # the requested classes
         if not self.training:
             return Output(logits, None, None)
         with torch.no_grad():  # the frozen image encoder on the same augmented batch
             img0 = F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
         t0 = self.text_target  # (C, E)
         reg = dict(text=txt, text_target=t0, image=img, image_target=img0, logits=logits_all,
-                   logits_target=scale * img0 @ t0.t())
+                   logits_target=clip_logits(self.clip, img0, t0))
         return Output(logits, img0, reg)
 
 

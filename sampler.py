@@ -14,7 +14,7 @@ import random
 import torch
 
 # -----------------------------------------------------------------------------
-# Eq. (4): Top-K semantically closest base classes from MiniLM sentence embeddings
+# Top-K semantically closest base classes from MiniLM sentence embeddings (Eq. 4)
 
 
 def load_minilm(device="cpu"):

@@ -292,7 +292,7 @@ def main(argv=None):
     mao_new = args.method == "mao" and args.stage in ("both", "new")
     if mao_base:
         check_settings(len(base_names), args.anchors, args.topk)
-        neighbours = class_neighbours(base_names, args.topk)  # Eq. (4), once for the whole run
+        neighbours = class_neighbours(base_names, args.topk)  # Eq. 4, once for the whole run
     if args.method == "mao" and args.stage == "new" and not args.init_from:
         args.init_from = os.path.join(args.out, "base_prompt.pt")
         if not os.path.isfile(args.init_from):
@@ -330,7 +330,7 @@ def main(argv=None):
         def plain_loss(batch):
             images, labels, _ = batch
             out = learner(images.to(device))  # logits over all base classes
-            ce = cross_entropy(out.logits, labels.to(device))  # Eq. (2)
+            ce = cross_entropy(out.logits, labels.to(device))  # Eq. 2
             extra = backbone_losses(out)
             return ce + sum(extra.values()), {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}}
         train_stage("base", learner, make_loader(base["train"], args.batch_size), plain_loss, args.epochs, args,
@@ -343,9 +343,9 @@ def main(argv=None):
         def base_step_loss(batch):
             images, labels, _ = batch
             labels = labels.to(device)
-            candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. (5)
+            candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. 5
             out = learner(images.to(device), candidates)  # text encoder runs for the candidates only
-            ce = dynamic_candidate_loss(out.logits, targets)  # Eq. (6)
+            ce = dynamic_candidate_loss(out.logits, targets)  # Eq. 6
             extra = backbone_losses(out)  # the backbone's own other losses are kept unchanged
             parts = {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}, "cand": len(candidates)}
             return ce + sum(extra.values()), parts
@@ -378,8 +378,8 @@ def main(argv=None):
             images = images.to(device)
             out = learner(images)  # logits over all new classes C_n
             with torch.no_grad():
-                pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. (7)
-            ce = pseudo_label_loss(out.logits, pseudo)  # Eq. (8)
+                pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. 7
+            ce = pseudo_label_loss(out.logits, pseudo)  # Eq. 8
             extra = backbone_losses(out)
             # diagnostic only, never part of the loss: how often the pseudo-label equals the hidden true label
             agree = (pseudo.cpu() == hidden[idx]).float().mean().item()
