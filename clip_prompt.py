@@ -261,9 +261,10 @@ class CoOp(nn.Module):
 
     def forward(self, images, class_ids=None):
         """Logits over class_ids (all classes if None), the frozen image features, and no extra losses."""
-        img = self.encode_image(images)  # (B, E); CLIP's image encoder is frozen in CoOp
+        img = self.encode_image(images)  # (B, E)
         txt = self.encode_text(class_ids)  # (C', E)
-        return Output(clip_logits(self.clip, img, txt), img.detach(), None)
+        frozen = img.detach() if self.frozen_image_encoder else None  # prompted features (MaPLe, IVLP) are not CLIP's
+        return Output(clip_logits(self.clip, img, txt), frozen, None)
 
     def learned_state(self):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}

@@ -163,3 +163,16 @@ def test_mao_code_has_no_backbone_specific_branch():
     for fn in ("base_step_loss", "new_step_loss"):
         body = train_src.split(f"def {fn}(")[1].split("\n\n")[0]
         assert "backbone ==" not in body and "isinstance" not in body
+
+
+def test_only_truly_frozen_image_features_are_offered_for_reuse(tiny_clip):
+    """The pseudo-labeller reuses Output.frozen_image_features as zero-shot CLIP's: a prompted image encoder
+    (MaPLe, IVLP) must not offer its features; PromptSRC offers its frozen-encoder pass; CoOp its own."""
+    images = torch.randn(3, 3, 32, 32)
+    plain = F.normalize(encode_image(tiny_clip, images).float(), dim=-1)
+    for backbone in ("maple", "ivlp"):
+        m = build_learner(backbone, tiny_clip, NAMES, n_ctx=2, depth=2).train()
+        assert m(images).frozen_image_features is None
+    for backbone in ("coop", "promptsrc"):
+        m = build_learner(backbone, tiny_clip, NAMES, n_ctx=2, depth=2).train()
+        assert torch.allclose(m(images).frozen_image_features, plain, atol=1e-5)
