@@ -385,6 +385,73 @@ class MaPLe(CoOp):
         return self.proj(self.ctx), deep
 
 
+# -----------------------------------------------------------------------------
+# DPC's parallel prompt around any learner (DPC §3.1; METHODS.md B2-B3)
+
+class DualPrompt(nn.Module):
+    """P (the stage-1 prompt, frozen) and the parallel prompt P' (trained, P' = P at the start), for any learner:
+    "prompt" means every learnable tensor of the learner (CoOp's context; MaPLe's prompts and couplings; ...).
+
+    The backbone is untouched: its forward runs with P' substituted for its learnable tensors (functional_call).
+    param='direct' (paper): the trained tensor is P' itself. param='mixed' (official code): the stored tensor is
+    M = w P' + (1 - w) P and the forward uses P' = (M - (1 - w) P) / w, so SGD moves P' at lr / w^2 (w = omega_b).
+    Weighting-decoupling (mix): w P' + (1 - w) P, with w = omega_b for base classes and omega_n for new ones.
+    """
+
+    def __init__(self, learner, omega_b=0.2, param="direct"):
+        super().__init__()
+        if param not in ("direct", "mixed"):
+            raise ValueError(f"param must be 'direct' or 'mixed', not '{param}'")
+        if param == "mixed" and not 0 < omega_b <= 1:
+            raise ValueError(f"--dpc_param mixed divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
+        self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
+        self.omega_b, self.param = omega_b, param
+        key = lambda n: n.replace(".", "__")  # ParameterDict keys may not hold dots
+        own = dict(learner.named_parameters())
+        for n in self.names:
+            self.register_buffer("P__" + key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
+        self.stored = nn.ParameterDict({key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})  # P' or M
+        self.learner = learner.requires_grad_(False)
+        self._key = key
+
+    @property
+    def clip(self):
+        return self.learner.clip
+
+    @property
+    def classnames(self):
+        return self.learner.classnames
+
+    def frozen_prompt(self):
+        return {n: getattr(self, "P__" + self._key(n)) for n in self.names}
+
+    def parallel_prompt(self):
+        """P' as the forward uses it (differentiable)."""
+        P, w = self.frozen_prompt(), self.omega_b
+        if self.param == "direct":
+            return {n: self.stored[self._key(n)] for n in self.names}
+        return {n: (self.stored[self._key(n)] - (1 - w) * P[n]) / w for n in self.names}  # F^-1(M)
+
+    def mix(self, omega):
+        """omega P' + (1 - omega) P, detached, on the CPU: a learned state for learner.load_learned."""
+        P, Q = self.frozen_prompt(), self.parallel_prompt()
+        return {n: (omega * Q[n] + (1 - omega) * P[n]).detach().cpu().clone() for n in self.names}
+
+    def forward(self, images, class_ids=None):
+        return torch.func.functional_call(self.learner, self.parallel_prompt(), (images, class_ids), strict=False)
+
+    def learned_state(self):  # the stored trainable tensors (P' or M), for checkpoints and resume
+        return {n: self.stored[self._key(n)].detach().cpu().clone() for n in self.names}
+
+    def load_learned(self, state):
+        if set(state) != set(self.names):
+            raise ValueError(f"checkpoint tensors {sorted(state)} do not match {sorted(self.names)}")
+        with torch.no_grad():
+            for n in self.names:
+                p = self.stored[self._key(n)]
+                p.copy_(state[n].to(p.device, p.dtype))
+
+
 BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp")
 
 

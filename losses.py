@@ -4,6 +4,8 @@
     Eq. (5)  C~'_b      = unique classes of the hard-negative batch, text features L2-normalised
     Eq. (6)  L_CE^base  = CE over the candidates C~'_b only     ("dynamic candidate", reg-B, base step)
     Eq. (8)  L_CE^new   = CE over all new classes C_n with Top-1 pseudo-labels t^_n (reg-N, new step)
+    DPC      L_CL       = symmetric image<->text contrastive loss over a hard-negative batch (DPC §3.2; the
+                          summary we have gives no equation numbers, so it is cited by name)
 
 p(y | I) itself (Eq. (3)) is the backbone's prediction and lives in clip_prompt.py. Every function takes tensors,
 never a model, so these losses compose with any backbone: MAO only decides which classes are candidates and which
@@ -48,6 +50,16 @@ def dynamic_candidate_loss(logits, targets):
 def pseudo_label_loss(logits, pseudo_labels):
     """L_CE^new = -sum_{i=1..N} c_i log p(y = t^_n | I_n) over all new classes C_n -- Eq. (8). logits (B, N)."""
     return F.cross_entropy(logits, pseudo_labels)  # Eq. (8)
+
+
+def symmetric_contrastive_loss(logits):
+    """DPC's L_CL (DPC §3.2, METHODS.md B5) = 1/2 [CE(L, arange) + CE(L^T, arange)] over a hard-negative batch.
+
+    logits L (B', B'): image j against the text of image k's class (one text row per image, in batch order), so
+    the matching pair is on the diagonal; rows are image->text, columns text->image.
+    """
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))  # DPC L_CL
 
 
 # -----------------------------------------------------------------------------

@@ -8,6 +8,10 @@ skipping any class already in the batch, so a batch holds at most b*K images and
 
 The sampler yields *indices*: the DataLoader's workers decode and augment every image (anchors and negatives get
 the same training transform), so the training step never touches the disk.
+
+DPC's Dynamic Hard Negative Optimizer (DPC §3, METHODS.md B4) uses the same batch builder; only the ranking differs:
+each anchor *image* ranks the base classes by its image-text similarity under the frozen stage-1 prompt P
+(image_text_neighbours), so the table has one row per training image and is refreshed every epoch.
 """
 import random
 
@@ -42,6 +46,38 @@ def class_neighbours(classnames, K, encoder=None):
     return cosine.topk(K, dim=1).indices  # Eq. (4)
 
 
+@torch.no_grad()
+def image_text_neighbours(learner, loader, K, device):
+    """DPC's ranking: for every training image, the K base classes its frozen learner scores highest.
+
+    learner: the frozen stage-1 model (prompt P) over all base classes; loader yields (image, label, index) over the
+    training items (augmented views, as DPC ranks augmented anchors). Batched, no gradients. Returns (N, K) class ids,
+    highest similarity first (softmax would not change the order, so the logits are ranked directly).
+    """
+    was_training = learner.training
+    learner.eval()
+    text = learner.encode_text()  # (C, E), once
+    from clip_prompt import clip_logits
+    table = torch.empty(len(loader.dataset), K, dtype=torch.long)
+    for images, _, idx in loader:
+        logits = clip_logits(learner.clip, learner.encode_image(images.to(device)), text)  # (B, C)
+        table[idx] = logits.topk(K, dim=1).indices.cpu()
+    learner.train(was_training)
+    return table
+
+
+class ImageTextRanking:
+    """DPC's neighbour source for HardNegativeBatchSampler: called with the epoch, it re-ranks every training image
+    on a fresh augmented view with the frozen learner (P), giving an (N, K) table for that epoch."""
+
+    def __init__(self, learner, loader, K, device):
+        self.learner, self.loader, self.K, self.device = learner, loader, K, device
+        self.num_classes = len(learner.classnames)
+
+    def __call__(self, epoch):
+        return image_text_neighbours(self.learner, self.loader, self.K, self.device)
+
+
 def check_settings(num_classes, b, K):
     """Refuse settings under which the hard-negative batch cannot be built as the paper intends."""
     if num_classes < 2:
@@ -68,16 +104,22 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
     b: anchors per batch; distinct_anchors: anchors of one batch have distinct classes (False: the official
     code's plain shuffled batches, where two anchors may share a class); min_negatives: the fallback tops an
     anchor up to this many random unused classes when its neighbours are all taken (capped at K-1).
+    neighbours may instead be a per-image ranking (DPC: an ImageTextRanking, with num_classes and K): set_epoch(e)
+    then asks it for that epoch's (N, K) table, one row per training item.
     Deterministic in (seed, epoch): call set_epoch(e) before each epoch.
     """
 
     def __init__(self, labels, neighbours, b, seed=0, distinct_anchors=True, min_negatives=2):
         self.labels = list(labels)
-        self.C, self.K = neighbours.shape
+        self.rank_fn, self.item_neighbours, self.neighbours = None, None, None
+        if callable(neighbours):
+            self.rank_fn, self.C, self.K = neighbours, neighbours.num_classes, neighbours.K
+        else:
+            self.C, self.K = neighbours.shape
+            self.neighbours = neighbours.tolist()  # python ints: the per-batch work is a few list lookups
         check_settings(self.C, b, self.K)
         self.b, self.seed, self.distinct, self.epoch = b, seed, distinct_anchors, 0
         self.min_negatives = min(min_negatives, self.K - 1)
-        self.neighbours = neighbours.tolist()  # python ints: the per-batch work is a few list lookups
         self.images_of = [[] for _ in range(self.C)]
         for i, y in enumerate(self.labels):
             self.images_of[y].append(i)
@@ -87,13 +129,19 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        if self.rank_fn is not None:
+            table = self.rank_fn(epoch)
+            if tuple(table.shape) != (len(self.labels), self.K):
+                raise ValueError(f"the ranking gave {tuple(table.shape)}, expected ({len(self.labels)}, {self.K})")
+            self.item_neighbours = table.tolist()
 
     def __len__(self):
         return max(1, len(self.labels) // self.b)  # every image is an anchor once per epoch, last partial batch dropped
 
-    def negatives(self, y, used, rng):
-        """Up to K-1 nearest classes of y not used yet, topped up at random when too few remain."""
-        negs = [c for c in self.neighbours[y] if c != y][: self.K - 1]  # the ground truth is never its own negative
+    def negatives(self, y, used, rng, i=None):
+        """Up to K-1 nearest classes of y (of item i's ranking, DPC) not used yet, topped up at random if too few."""
+        ranked = self.item_neighbours[i] if self.rank_fn is not None else self.neighbours[y]
+        negs = [c for c in ranked if c != y][: self.K - 1]  # the ground truth is never its own negative
         negs = [c for c in negs if c not in used]
         used.update(negs)
         if len(negs) < self.min_negatives:
@@ -106,6 +154,8 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
         return negs
 
     def __iter__(self):
+        if self.rank_fn is not None and self.item_neighbours is None:
+            raise RuntimeError("a per-image ranking needs set_epoch(epoch) before iterating")
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         queue = list(range(len(self.labels)))
         rng.shuffle(queue)
@@ -125,5 +175,5 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
             batch, used = [], set(classes)  # every anchor's class is taken before any negative is chosen
             for i in anchors:
                 batch.append(i)
-                batch.extend(rng.choice(self.images_of[c]) for c in self.negatives(self.labels[i], used, rng))
+                batch.extend(rng.choice(self.images_of[c]) for c in self.negatives(self.labels[i], used, rng, i))
             yield batch

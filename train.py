@@ -3,7 +3,8 @@
     python train.py --backbone coop --dataset dtd --root DATA          # CoOp + MAO: base step, then new step
     python train.py --backbone coop --dataset dtd --method none        # the published CoOp baseline
     python train.py --backbone zsclip --dataset dtd                    # zero-shot CLIP (no training)
-    python train.py --dataset demo --clip tiny                         # pipeline run on generated data, no downloads
+    python train.py --backbone coop --dataset dtd --method dpc         # DPC: backbone, then the parallel prompt
+    python train.py --dataset demo                                     # the toy world with the shipped demo CLIP
 
 MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two halves (§3.2-3.3):
   base step  hard-negative batches (sampler.py, Eq. (4)); CE over only the classes in the batch (losses.py, Eq. (5)-(6))
@@ -11,6 +12,11 @@ MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two ha
              images with Top-1 zero-shot pseudo-labels (pseudolabel.py, Eq. (7)) and CE over all new classes (Eq. (8))
 The backbone never knows: MAO acts only through the batches, candidate classes and labels it gives the learner.
 Base accuracy uses the base-step prompt, new accuracy the new-step prompt (METHODS.md A1).
+
+DPC (CVPR 2025, METHODS.md part B) runs after the published backbone (stage 1, prompt P, or --init_from):
+  stage 2    P' cloned from P and trained on hard-negative batches ranked per image by frozen P's image-text
+             similarity (sampler.py) with the symmetric contrastive loss (losses.py); P stays frozen
+  inference  base classes with omega_b P' + (1 - omega_b) P, new classes with omega_n P' + (1 - omega_n) P
 """
 import argparse
 import json
@@ -25,14 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_prompt import BACKBONES, ZeroShotCLIP, build_learner, load_clip
+from clip_prompt import BACKBONES, DualPrompt, ZeroShotCLIP, build_learner, load_clip
 from data import (DATASETS, ImageList, build_transforms, dataset_spec, fewshot_splits, hide_labels, make_demo,
                   subsample_classes)
 from eval import accuracy, harmonic_mean, test_loader
 from losses import (cross_entropy, dynamic_candidate_loss, dynamic_candidates, gpa_weights, pseudo_label_loss,
-                    self_regulating_losses)
+                    self_regulating_losses, symmetric_contrastive_loss)
 from pseudolabel import PseudoLabeler
-from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
+from sampler import HardNegativeBatchSampler, ImageTextRanking, check_settings, class_neighbours
 
 # -----------------------------------------------------------------------------
 # Paper presets: an explicit flag beats the preset, which beats the argparse default
@@ -56,7 +62,8 @@ PRESETS = {
 }
 # MAO Supp. B / §4.4: anchors b and Top-K per dataset (b*K must not exceed the number of base classes)
 DATASET_PRESETS = {"dtd": dict(anchors=2, topk=8), "oxford_pets": dict(anchors=2, topk=8),
-                   "eurosat": dict(anchors=2, topk=2), "demo": dict(anchors=2, topk=3)}
+                   "eurosat": dict(anchors=2, topk=2), "demo": dict(anchors=2, topk=8)}
+DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "demo_clip.pt")  # pretrain_clip.py
 DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8, n_vis=4,
                 depth=9, gpa_mean=0, gpa_std=0)
 
@@ -70,7 +77,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and of training (paper: 1, 2, 3)")
     # -- model --
     ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
-    ap.add_argument("--clip", default="ViT-B/16", help="CLIP name, local checkpoint path, or 'tiny' (random, tests)")
+    ap.add_argument("--clip", help="CLIP name, local checkpoint path, or 'tiny' (random, tests). Default: ViT-B/16; "
+                                   "for --dataset demo the shipped demo CLIP (weights/demo_clip.pt)")
     ap.add_argument("--n_ctx", type=int, help="M: learnable context tokens (CoOp §3). Base-to-new: 4 (from ctx_init)")
     ap.add_argument("--ctx_init", help="phrase initialising the context (CoOp: M = its word count); '' = random init")
     ap.add_argument("--n_vis", type=int, help="vision prompt tokens (IVLP/PromptSRC §3.1). Paper: 4")
@@ -80,7 +88,8 @@ def parse_args(argv=None):
     ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA Gaussian mean epoch (§3.3); 0 = off. Paper: 15")
     ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA Gaussian std (§3.3). Paper: 1")
     # -- MAO --
-    ap.add_argument("--method", default="mao", choices=["mao", "none"], help="mao: two-step MAO; none: backbone as published")
+    ap.add_argument("--method", default="mao", choices=["mao", "none", "dpc"],
+                    help="mao: two-step MAO; none: backbone as published; dpc: backbone, then DPC's parallel prompt")
     ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="run MAO's base step, new step or both")
     ap.add_argument("--init_from", help="prompt checkpoint to start from (new step: the base-step prompt)")
     ap.add_argument("--topk", type=int, help="K: Top-K nearest classes of Eq. (4) (MAO §3.2). Paper: 8 (EuroSAT 2)")
@@ -93,6 +102,19 @@ def parse_args(argv=None):
                     help="batch: online on each augmented batch (paper); epoch: once on un-augmented views (faster)")
     ap.add_argument("--new_shots", type=int, help="S: unlabeled images per new class (default: --shots; MAO Fig. 4: 8 <= S <= 32)")
     ap.add_argument("--new_batch_size", type=int, default=32, help="new-step batch (unspecified in the paper; b*K = 32)")
+    # -- DPC --
+    ap.add_argument("--omega_b", type=float, default=0.2, help="DPC base-class weight of P' (paper: 0.2)")
+    ap.add_argument("--omega_n", type=float, default=0.0, help="DPC new-class weight of P' (paper: -> 0)")
+    ap.add_argument("--dpc_epochs", type=int, default=20, help="DPC stage-2 epochs (paper: 20)")
+    ap.add_argument("--dpc_lr", type=float, default=0.002, help="DPC stage-2 SGD learning rate (paper: 0.002)")
+    ap.add_argument("--dpc_param", default="direct", choices=["direct", "mixed"],
+                    help="direct: train P' (paper); mixed: store w P' + (1-w) P and train through its inverse, "
+                         "i.e. P' at lr / omega_b^2 (official code)")
+    ap.add_argument("--dpc_base_infer", default="mixed", choices=["mixed", "parallel"],
+                    help="base classes scored with omega_b P' + (1-omega_b) P (paper) or P' alone (official code)")
+    ap.add_argument("--dpc_backbone_losses", type=int, default=1, choices=[0, 1],
+                    help="1: keep the backbone's own losses beside L_CL (paper: 'parallel to other backbone "
+                         "losses'); 0: L_CL only (official code)")
     # -- optim --
     ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
     ap.add_argument("--lr", type=float, help="SGD learning rate (CoOp 0.002; MAO 0.0035)")
@@ -119,13 +141,22 @@ def parse_args(argv=None):
         args.method = "none"  # nothing to train
     if args.backbone != "promptsrc" and (args.text_weight is not None or args.image_weight is not None):
         ap.error("--text_weight / --image_weight weight PromptSRC's self-regulating losses; use --backbone promptsrc")
-    preset = dict(DEFAULTS, **PRESETS.get((args.backbone, args.method), {}), **DATASET_PRESETS.get(args.dataset, {}))
-    if (args.backbone, args.method) == ("coop", "none") and args.dataset == "imagenet":
+    stage1 = "none" if args.method == "dpc" else args.method  # DPC's stage 1 is the published backbone
+    preset = dict(DEFAULTS, **PRESETS.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}))
+    if (args.backbone, stage1) == ("coop", "none") and args.dataset == "imagenet":
         preset["epochs"] = 50  # vit_b16_ep50_ctxv1
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.new_shots = args.new_shots or args.shots
+    if args.clip is None:
+        args.clip = DEMO_CLIP if args.dataset == "demo" else "ViT-B/16"
+        if args.dataset == "demo" and not os.path.isfile(DEMO_CLIP):
+            ap.error(f"the demo CLIP {DEMO_CLIP} is missing: restore it from git or run python pretrain_clip.py")
+    if args.method == "dpc" and not (0 <= args.omega_b <= 1 and 0 <= args.omega_n <= 1):
+        ap.error(f"--omega_b {args.omega_b} / --omega_n {args.omega_n}: DPC's weights lie in [0, 1]")
+    if args.method == "dpc" and args.dpc_param == "mixed" and args.omega_b == 0:
+        ap.error("--dpc_param mixed trains through (M - (1 - omega_b) P) / omega_b: it needs --omega_b > 0")
     if args.method == "mao" and args.epochs < 2 and args.stage == "both":
         ap.error(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
     if args.device == "auto":
@@ -140,11 +171,11 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Schedule, logging, checkpoints
 
-def lr_at(epoch, epochs, args):
+def lr_at(epoch, epochs, args, lr=None):
     """Dassl's schedule: constant warm-up at 1e-5, then cosine over the budget, shifted by the warm-up."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr
-    return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / epochs))
+    return 0.5 * (lr or args.lr) * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / epochs))
 
 
 def memory_gb(device):
@@ -192,15 +223,16 @@ def seed_everything(seed):
 # -----------------------------------------------------------------------------
 # One training stage: SGD + warm-up/cosine, an explicit epoch loop, a checkpoint after every epoch
 
-def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log):
+def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log, lr=None, aggregate=True):
     """Train the learner's prompt for `epochs` epochs; loss_fn(batch) -> (loss, {name: value}) per step.
-    With --gpa_mean > 0 (PromptSRC), the prompts are finally replaced by their Gaussian-weighted epoch average."""
+    With --gpa_mean > 0 (PromptSRC) and aggregate, the prompts end as their Gaussian-weighted epoch average."""
     params = [p for p in learner.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    lr0 = lr or args.lr
+    opt = torch.optim.SGD(params, lr=lr0, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP: scale the loss
     last = os.path.join(args.out, f"{stage}_last.pt")
     start, gpa = 0, None
-    weights = gpa_weights(epochs, args.gpa_mean, args.gpa_std) if args.gpa_mean > 0 else None
+    weights = gpa_weights(epochs, args.gpa_mean, args.gpa_std) if aggregate and args.gpa_mean > 0 else None
     if args.resume and os.path.isfile(last):
         ck = torch.load(last, map_location=device, weights_only=False)
         learner.load_learned(ck["learned"])
@@ -210,7 +242,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log):
         log(f"[{stage}] resumed from {last}: epoch {start}/{epochs} next")
     n_it, t0, done = len(loader), time.time(), 0
     for epoch in range(start, epochs):
-        lr = lr_at(epoch, epochs, args)
+        lr = lr_at(epoch, epochs, args, lr0)
         for g in opt.param_groups:
             g["lr"] = lr
         # every epoch's randomness depends on (seed, epoch) only, so a resumed run repeats an uninterrupted one
@@ -260,6 +292,10 @@ TOY_NOTE = ("PIPELINE RUN WITH A TOY MODEL: a randomly initialised tiny CLIP on 
             "training, checkpoints and evaluation run end to end; its accuracies are not results.")
 
 
+DEMO_NOTE = ("Toy world (README 'The embedded demo'): a small CLIP pretrained here on synthetic captioned shapes, "
+             "36 colour-shape classes. Its numbers describe this synthetic task, not the paper's benchmarks.")
+
+
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
@@ -281,6 +317,10 @@ def main(argv=None):
 
     model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
     train_tf, test_tf = build_transforms(model.visual.input_resolution)
+    layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
+    if args.backbone in ("maple", "ivlp", "promptsrc") and args.depth > layers:
+        print(f"--depth {args.depth} exceeds the {layers} layers of this CLIP: prompting all {layers}")
+        args.depth = layers
     template = DATASETS[args.dataset]["template"] if args.backbone == "zsclip" else "a photo of a {}."
     kwargs = learner_kwargs(args)
     learner = build_learner(args.backbone, model, base_names, template=template, **kwargs)
@@ -293,6 +333,8 @@ def main(argv=None):
     if mao_base:
         check_settings(len(base_names), args.anchors, args.topk)
         neighbours = class_neighbours(base_names, args.topk)  # Eq. 4, once for the whole run
+    if args.method == "dpc":
+        check_settings(len(base_names), args.anchors, args.topk)
     if args.method == "mao" and args.stage == "new" and not args.init_from:
         args.init_from = os.path.join(args.out, "base_prompt.pt")
         if not os.path.isfile(args.init_from):
@@ -305,6 +347,8 @@ def main(argv=None):
     toy = args.clip == "tiny"
     if toy:
         log("=" * 100 + "\n" + TOY_NOTE + "\n" + "=" * 100)
+    elif args.dataset == "demo" and args.clip == DEMO_CLIP:
+        log(DEMO_NOTE)
     log(" ".join(f"{k}={v}" for k, v in vars(args).items()))
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
@@ -326,7 +370,9 @@ def main(argv=None):
     # -- base classes: the plain backbone (Eq. (2)-(3)) or MAO's base step (Eq. (4)-(6)) --
     if args.backbone == "zsclip":
         pass
-    elif args.method == "none":
+    elif args.method == "dpc" and args.init_from:
+        log(f"DPC stage 1: prompt P from {args.init_from}")
+    elif args.method in ("none", "dpc"):  # the published backbone; for DPC this is stage 1, giving P
         def plain_loss(batch):
             images, labels, _ = batch
             out = learner(images.to(device))  # logits over all base classes
@@ -354,6 +400,32 @@ def main(argv=None):
         save_atomic(prompt_checkpoint(learner, args, "base", args.epochs // 2, "base"),
                     os.path.join(args.out, "base_prompt.pt"))
     base_state = learner.learned_state()
+
+    # -- DPC stage 2: the parallel prompt P' on hard negatives ranked by frozen P, symmetric contrastive loss --
+    if args.method == "dpc":
+        dual = DualPrompt(learner, args.omega_b, args.dpc_param)  # P' = P at the start; P frozen inside
+        rank_views = torch.utils.data.DataLoader(ImageList(image_dir, base["train"], train_tf),
+                                                 batch_size=args.test_batch_size, num_workers=args.workers)
+        ranking = ImageTextRanking(dual.learner, rank_views, args.topk, device)  # the inner learner still holds P
+        sampler = HardNegativeBatchSampler([y for _, y, _ in base["train"]], ranking, args.anchors, seed=args.seed)
+
+        def dpc_loss(batch):
+            images, labels, _ = batch
+            out = dual(images.to(device), labels.to(device))  # one text row per image, batch order: (B', B')
+            cl = symmetric_contrastive_loss(out.logits)  # DPC L_CL
+            extra = backbone_losses(out) if args.dpc_backbone_losses else {}
+            return cl + sum(extra.values()), {"l_cl": cl.item(), **{k: v.item() for k, v in extra.items()}}
+        train_stage("dpc", dual, make_loader(base["train"], batch_sampler=sampler), dpc_loss, args.dpc_epochs, args,
+                    device, log, lr=args.dpc_lr, aggregate=False)
+        parallel = dual.mix(1.0)  # P'
+        base_state = parallel if args.dpc_base_infer == "parallel" else dual.mix(args.omega_b)  # weighting-decoupling
+        dpc_new_state = dual.mix(args.omega_n)
+        learner = build_learner(args.backbone, model, base_names, template=template, **kwargs)  # for evaluation
+        for name, state in (("parallel_prompt.pt", parallel), ("base_prompt.pt", base_state),
+                            ("new_prompt.pt", dpc_new_state)):
+            learner.load_learned(state)
+            save_atomic(prompt_checkpoint(learner, args, "base" if name != "new_prompt.pt" else "new",
+                                          args.dpc_epochs, "dpc"), os.path.join(args.out, name))
 
     # -- new classes: MAO's new step on unlabeled images with Top-1 pseudo-labels (Eq. (7)-(8)) --
     if mao_new:
@@ -390,7 +462,7 @@ def main(argv=None):
         train_stage("new", learner, make_loader(unlabeled, args.new_batch_size), new_step_loss, new_epochs, args,
                     device, log)
         save_atomic(prompt_checkpoint(learner, args, "new", new_epochs, "new"), os.path.join(args.out, "new_prompt.pt"))
-    new_state = learner.learned_state()
+    new_state = dpc_new_state if args.method == "dpc" else learner.learned_state()
 
     # -- evaluation: base test with the base prompt, new test with the new prompt (MAO) or the same prompt --
     def evaluate(names, state, items, desc):
@@ -401,11 +473,17 @@ def main(argv=None):
     res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
            "shots": args.shots, "stage": args.stage if args.method == "mao" else None, "toy_model": toy}
     res["base"] = evaluate(base_names, base_state, base["test"], "test base")
-    res["new_base_prompt"] = evaluate(new_names, base_state, new["test"], "test new (base prompt)")
+    if args.method != "dpc":
+        res["new_base_prompt"] = evaluate(new_names, base_state, new["test"], "test new (base prompt)")
     if mao_new:
         res["new"] = evaluate(new_names, new_state, new["test"], "test new")
     elif args.method == "mao":  # base step only: the paper's "base step only" row (Table 8 (c))
         res["new"] = res["new_base_prompt"]
+    elif args.method == "dpc":
+        res["new"] = evaluate(new_names, new_state, new["test"], "test new (omega_n mix)")
+        P = dual.frozen_prompt()  # the stage-1 backbone alone, for the record
+        res["base_stage1"] = evaluate(base_names, P, base["test"], "test base (P)")
+        res["new_stage1"] = evaluate(new_names, P, new["test"], "test new (P)")
     else:
         res["new"] = res.pop("new_base_prompt")
     res["hm"] = harmonic_mean(res["base"], res["new"])
@@ -416,6 +494,8 @@ def main(argv=None):
     line = f"base {res['base']:.2f} | new {res['new']:.2f} | HM {res['hm']:.2f}"
     if "new_base_prompt" in res:
         line += f" | new with base prompt {res['new_base_prompt']:.2f}"
+    if "base_stage1" in res:
+        line += f" | stage 1 (P): base {res['base_stage1']:.2f} new {res['new_stage1']:.2f}"
     log(line + (" (toy model: not a result)" if toy else ""))
     log(f"wrote {os.path.join(args.out, 'results.json')}")
     return res
