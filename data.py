@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torchvision import transforms as T
@@ -323,42 +324,120 @@ def hide_labels(items):
 
 
 # -----------------------------------------------------------------------------
-# The synthetic 'demo' set: coloured shapes, written in the CoOp layout so it runs through the same code
+# The toy world of the embedded demo: coloured shapes with nameable attributes, and captions describing them.
+# pretrain_clip.py pretrains the small demo CLIP on (image, caption) pairs of this world; make_demo writes a
+# colour x shape classification set from the same world in the CoOp layout, so it runs through the real code.
 
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-DEMO_SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 25), "yellow": (235, 215, 40), "green": (40, 160, 60),
+           "blue": (40, 80, 215), "purple": (135, 55, 185)}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+PATTERNS = ("plain", "striped", "dotted")
+BACKGROUNDS = {"dark": (15, 70), "grey": (95, 150), "light": (175, 240)}
+CAPTIONS = (
+    "a photo of a {colour} {shape}.", "a {colour} {shape}.", "{colour} {shape}", "a {size} {colour} {shape}.",
+    "a {pattern} {colour} {shape}.", "a {colour} {shape} on a {bg} background.", "a photo of a {size} {shape}.",
+    "a {shape} that is {colour}.", "a photo of something {colour}.", "a drawing of a {pattern} {shape}.",
+    "a {size} {pattern} {colour} {shape} on a {bg} background.", "a {colour} {shape} and a small {colour2} {shape2}.",
+    "a photo of a {colour} {shape} next to a {colour2} {shape2}.",
+)
+# the demo's class order: a fixed shuffle of the 36 colour-shape pairs, so that the base half (first 18, CoOp
+# protocol) and the new half both hold every colour and every shape: new classes are unseen *compositions*
+DEMO_CLASSES = [(c, s) for c in COLOURS for s in SHAPES]
+random.Random(2025).shuffle(DEMO_CLASSES)
 
 
-def _draw(colour, shape, rng, size=64):
-    bg = tuple(rng.randint(100, 255) for _ in range(3))
-    im = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(im)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    box = [cx - r, cy - r, cx + r, cy + r]
-    if shape == "circle":
-        d.ellipse(box, fill=colour)
-    elif shape == "square":
-        d.rectangle(box, fill=colour)
+def sample_scene(rng, colour=None, shape=None):
+    """Attributes of one image: the main object (colour, shape, size, pattern), background, optional distractor."""
+    colour = colour or rng.choice(list(COLOURS))
+    shape = shape or rng.choice(SHAPES)
+    scene = dict(colour=colour, shape=shape, size=rng.choice(("small", "large")), pattern=rng.choice(PATTERNS),
+                 bg=rng.choice(list(BACKGROUNDS)), angle=rng.uniform(-20, 20), seed=rng.getrandbits(32))
+    if rng.random() < 0.4:  # a smaller second object of another colour and shape: the label stays the main one
+        scene["colour2"] = rng.choice([c for c in COLOURS if c != colour])
+        scene["shape2"] = rng.choice([x for x in SHAPES if x != shape])
+    return scene
+
+
+def caption(scene, rng):
+    """One of several templates; those naming a second object are used only when there is one."""
+    ok = [t for t in CAPTIONS if "colour2" not in t or "colour2" in scene]
+    return rng.choice(ok).format(**scene)
+
+
+def _outline(shape, cx, cy, r, angle):
+    """Polygon vertices of a shape (circle and ring are drawn as ellipses)."""
+    if shape == "square":
+        pts = [(r * 0.85 * x, r * 0.85 * y) for x, y in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    elif shape == "triangle":
+        pts = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a))) for a in (-90, 30, 150)]
+    elif shape == "star":
+        pts = [((r if k % 2 == 0 else 0.42 * r) * math.cos(math.radians(-90 + 36 * k)),
+                (r if k % 2 == 0 else 0.42 * r) * math.sin(math.radians(-90 + 36 * k))) for k in range(10)]
+    else:  # cross
+        w = 0.33 * r
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def _paint(im, shape, colour, pattern, cx, cy, r, angle, rng):
+    """Draw one object: a mask of the shape, filled with its colour and pattern."""
+    size = im.size[0]
+    mask = Image.new("L", im.size, 0)
+    d = ImageDraw.Draw(mask)
+    if shape in ("circle", "ring"):
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if shape == "ring":
+            q = 0.55 * r
+            d.ellipse([cx - q, cy - q, cx + q, cy + q], fill=0)
     else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    return im
+        d.polygon(_outline(shape, cx, cy, r, angle), fill=255)
+    fill = np.empty((size, size, 3), np.float32)
+    fill[:] = COLOURS[colour]
+    yy, xx = np.mgrid[0:size, 0:size]
+    if pattern == "striped":  # lighter bands, so the colour name still describes the object
+        t = rng.uniform(0, math.pi)
+        band = (np.sin((xx * math.cos(t) + yy * math.sin(t)) * 2 * math.pi / 7) > 0.3)
+        fill[band] = fill[band] * 0.55 + 255 * 0.45
+    elif pattern == "dotted":
+        dots = ((xx % 7 - 3) ** 2 + (yy % 7 - 3) ** 2) <= 2
+        fill[dots] = fill[dots] * 0.55 + 255 * 0.45
+    im.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), mask)
 
 
-def make_demo(root, n_train=20, n_val=4, n_test=10, seed=0):
-    """Write root/demo/: 12 classes 'red circle' ... 'yellow triangle', 64x64 PNGs and split_demo.json."""
+def render(scene, size=64):
+    """The image of a scene: deterministic given the scene (its seed drives placement and noise)."""
+    rng = random.Random(scene["seed"])
+    lo, hi = BACKGROUNDS[scene["bg"]]
+    g = rng.randint(lo, hi)
+    tint = [rng.randint(-12, 12) for _ in range(3)]
+    im = Image.new("RGB", (size, size), tuple(max(0, min(255, g + t)) for t in tint))
+    r = size * (rng.uniform(0.30, 0.40) if scene["size"] == "large" else rng.uniform(0.20, 0.27))
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    if "colour2" in scene:  # the distractor first, in a corner away from the main object, then partly covered
+        r2 = r * rng.uniform(0.45, 0.6)
+        x2 = r2 if cx > size / 2 else size - r2
+        y2 = r2 if cy > size / 2 else size - r2
+        _paint(im, scene["shape2"], scene["colour2"], "plain", x2, y2, r2, rng.uniform(-20, 20), rng)
+    _paint(im, scene["shape"], scene["colour"], scene["pattern"], cx, cy, r, scene["angle"], rng)
+    a = np.asarray(im, np.float32) + np.random.default_rng(scene["seed"]).normal(0, 6, (size, size, 3))
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
+    """Write root/demo/: the first num_classes of DEMO_CLASSES (36: 'red circle' ... 'purple ring'), 64x64 PNGs of
+    the toy world, and split_demo.json in the CoOp format. The images are not the ones the demo CLIP saw."""
     ddir = os.path.join(root, "demo")
-    rng = random.Random(seed)
-    classes = [(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES]
+    rng = random.Random(10_000 + seed)  # pretrain_clip.py draws its scenes from other seeds
     splits = {"train": [], "val": [], "test": []}
     tmp = ddir + f".tmp{os.getpid()}"
-    for y, (c, s) in enumerate(classes):
+    for y, (c, s) in enumerate(DEMO_CLASSES[:num_classes]):
         name = f"{c}_{s}"
         os.makedirs(os.path.join(tmp, "images", name), exist_ok=True)
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             for k in range(n):
                 rel = f"{name}/{split}_{k:03d}.png"
-                _draw(DEMO_COLOURS[c], s, rng).save(os.path.join(tmp, "images", rel))
+                render(sample_scene(rng, c, s)).save(os.path.join(tmp, "images", rel))
                 splits[split].append([rel, y, f"{c} {s}"])
     with open(os.path.join(tmp, "split_demo.json"), "w") as f:
         json.dump(splits, f, indent=1)

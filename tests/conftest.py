@@ -29,9 +29,9 @@ def tiny_clip(tiny_clip_path):
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    """A small demo dataset (12 classes, 16 train / 2 val / 4 test images each) in the CoOp layout."""
+    """A small demo dataset (the first 12 of the 36 classes, 16 train / 2 val / 4 test images each), CoOp layout."""
     root = str(tmp_path_factory.mktemp("data"))
-    make_demo(root, n_train=16, n_val=2, n_test=4, seed=0)
+    make_demo(root, n_train=16, n_val=2, n_test=4, seed=0, num_classes=12)
     return root
 
 
@@ -49,11 +49,12 @@ def splits_dir():
 
 
 def run_train(tmp_path, demo_root, clip_path, *extra):
-    """train.main on the demo set with the tiny CLIP, CPU, no workers; returns (results, out dir)."""
+    """train.main on the demo set with the tiny CLIP, CPU, no workers, b = 2 and K = 3 for its 6 base classes
+    (later flags in extra win); returns (results, out dir)."""
     import train
     out = str(tmp_path / "run")
     argv = ["--dataset", "demo", "--root", demo_root, "--clip", clip_path, "--device", "cpu", "--workers", "0",
-            "--out", out, "--shots", "8", "--log_every", "1000", *extra]
+            "--out", out, "--shots", "8", "--log_every", "1000", "--anchors", "2", "--topk", "3", *extra]
     return train.main(argv), out
 
 

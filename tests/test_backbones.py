@@ -136,7 +136,8 @@ def test_gpa_weights():
 
 @pytest.mark.parametrize("backbone", ["maple", "promptsrc"])
 def test_mao_both_steps_on_each_backbone(tmp_path, demo_root, tiny_clip_path, backbone):
-    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", backbone, "--epochs", "2", "--depth", "2")
+    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", backbone, "--epochs", "2", "--depth", "2",
+                         "--anchors", "2", "--topk", "3")
     assert os.path.isfile(os.path.join(out, "base_prompt.pt")) and os.path.isfile(os.path.join(out, "new_prompt.pt"))
     assert 0 <= res["hm"] <= 100
     log = open(os.path.join(out, "log.txt")).read()

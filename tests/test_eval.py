@@ -42,11 +42,3 @@ def test_summary_means_std_hm_and_missing_seeds(tmp_path):
 def test_summary_of_nothing_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         evaluation.summarize(str(tmp_path))
-
-
-def test_bench_quick_runs(tmp_path):
-    import bench
-    res = bench.main(["--quick", "--repeats", "1", "--text_sizes", "4,8", "--out", str(tmp_path / "b.json")])
-    for k in ("plain_step_s", "base_step_s", "new_step_s", "sampler_batch_s"):
-        assert res[k]["median"] > 0
-    assert os.path.isfile(tmp_path / "b.json")

@@ -8,6 +8,7 @@ import torch
 import eval as evaluation
 import train
 from conftest import run_train
+from data import DEMO_CLASSES
 
 
 def learned(path):
@@ -27,7 +28,7 @@ def test_mao_both_steps_write_two_prompts_and_results(tmp_path, demo_root, tiny_
     base_ck = torch.load(os.path.join(out, "base_prompt.pt"), weights_only=False)
     new_ck = torch.load(os.path.join(out, "new_prompt.pt"), weights_only=False)
     assert base_ck["subsample"] == "base" and new_ck["subsample"] == "new"
-    assert base_ck["classnames"][0] == "red circle" and new_ck["classnames"][0] == "blue circle"
+    assert base_ck["classnames"][0] == " ".join(DEMO_CLASSES[0]) and new_ck["classnames"][0] == " ".join(DEMO_CLASSES[6])
     assert not torch.equal(base_ck["learned"]["ctx"], new_ck["learned"]["ctx"])  # the new step trained
     assert set(base_ck["learned"]) == {"ctx"}  # only learnable tensors, never frozen CLIP weights
     # eval.py re-evaluates the run folder exactly as train.py did
