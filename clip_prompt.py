@@ -406,21 +406,15 @@ class DualPrompt(nn.Module):
             raise ValueError(f"--dpc_param mixed divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
         self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
         self.omega_b, self.param = omega_b, param
-        key = lambda n: n.replace(".", "__")  # ParameterDict keys may not hold dots
         own = dict(learner.named_parameters())
         for n in self.names:
-            self.register_buffer("P__" + key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
-        self.stored = nn.ParameterDict({key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})  # P' or M
-        self.learner = learner.requires_grad_(False)
-        self._key = key
+            self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
+        self.stored = nn.ParameterDict({self._key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})
+        self.learner = learner.requires_grad_(False)  # its own tensors keep P; the forward substitutes P'
 
-    @property
-    def clip(self):
-        return self.learner.clip
-
-    @property
-    def classnames(self):
-        return self.learner.classnames
+    @staticmethod
+    def _key(name):
+        return name.replace(".", "__")  # ParameterDict keys may not hold dots
 
     def frozen_prompt(self):
         return {n: getattr(self, "P__" + self._key(n)) for n in self.names}

@@ -20,14 +20,12 @@ import time
 import warnings
 
 import clip
-import numpy as np
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
-from PIL import Image
 from tqdm import tqdm
 
-from data import CLIP_MEAN, CLIP_STD, DEMO_CLASSES, caption, render, sample_scene
+from data import DEMO_CLASSES, build_transforms, caption, render, sample_scene
 
 ARCH = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=4,
             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=4)
@@ -40,11 +38,9 @@ def build(seed=0):
 
 
 def to_tensor(images, resolution):
-    """PIL images -> normalised (B, 3, R, R), resized as data.build_transforms' test transform does."""
-    x = torch.stack([torch.from_numpy(np.asarray(im.resize((resolution, resolution), Image.BICUBIC), np.float32))
-                     .permute(2, 0, 1) for im in images]) / 255
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """PIL images -> normalised (B, 3, R, R) with the test transform the demo's own images get (data.py)."""
+    test_tf = build_transforms(resolution)[1]
+    return torch.stack([test_tf(im) for im in images])
 
 
 def batch(rng, n, resolution):

@@ -17,6 +17,8 @@ import random
 
 import torch
 
+from clip_prompt import clip_logits
+
 # -----------------------------------------------------------------------------
 # Top-K semantically closest base classes from MiniLM sentence embeddings (Eq. 4)
 
@@ -57,7 +59,6 @@ def image_text_neighbours(learner, loader, K, device):
     was_training = learner.training
     learner.eval()
     text = learner.encode_text()  # (C, E), once
-    from clip_prompt import clip_logits
     table = torch.empty(len(loader.dataset), K, dtype=torch.long)
     for images, _, idx in loader:
         logits = clip_logits(learner.clip, learner.encode_image(images.to(device)), text)  # (B, C)

@@ -330,11 +330,10 @@ def main(argv=None):
         learner.load_learned(torch.load(args.init_from, map_location=device, weights_only=False)["learned"])
     mao_base = args.method == "mao" and args.stage in ("both", "base")
     mao_new = args.method == "mao" and args.stage in ("both", "new")
+    if mao_base or args.method == "dpc":  # both build hard-negative batches
+        check_settings(len(base_names), args.anchors, args.topk)
     if mao_base:
-        check_settings(len(base_names), args.anchors, args.topk)
         neighbours = class_neighbours(base_names, args.topk)  # Eq. 4, once for the whole run
-    if args.method == "dpc":
-        check_settings(len(base_names), args.anchors, args.topk)
     if args.method == "mao" and args.stage == "new" and not args.init_from:
         args.init_from = os.path.join(args.out, "base_prompt.pt")
         if not os.path.isfile(args.init_from):
@@ -483,7 +482,7 @@ def main(argv=None):
         res["new"] = evaluate(new_names, new_state, new["test"], "test new (omega_n mix)")
         P = dual.frozen_prompt()  # the stage-1 backbone alone, for the record
         res["base_stage1"] = evaluate(base_names, P, base["test"], "test base (P)")
-        res["new_stage1"] = evaluate(new_names, P, new["test"], "test new (P)")
+        res["new_stage1"] = res["new"] if args.omega_n == 0 else evaluate(new_names, P, new["test"], "test new (P)")
     else:
         res["new"] = res.pop("new_base_prompt")
     res["hm"] = harmonic_mean(res["base"], res["new"])
