@@ -59,6 +59,11 @@ DATASETS = {
 ALIASES = {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars", "aircraft": "fgvc_aircraft",
            "food-101": "food101", "caltech": "caltech101", "ucf": "ucf101"}
 TEST_ONLY = {"imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
+# The benchmark's dataset lists (MAO Tables 1-2, in their column order)
+BASE_TO_NEW = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+               "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+XD_TARGETS = BASE_TO_NEW[1:]  # cross-dataset: trained on all ImageNet classes, evaluated zero-shot on the other 10
+DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation from ImageNet
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 

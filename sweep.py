@@ -3,21 +3,24 @@
     python sweep.py --datasets demo --backbones zsclip,coop,maple,promptsrc --methods none,mao,dpc --seeds 1,2,3
     python sweep.py --datasets all --root DATA --slice 0/4      # the first of 4 slices (one per GPU or machine)
     python sweep.py --datasets dtd,eurosat --dry_run            # list what would run and what is done
-    python sweep.py --datasets dtd -- --topk 4 --out_suffix k4  # flags after -- go to every train.py run
+    python sweep.py --datasets dtd --out_suffix k4 -- --topk 4  # flags after -- go to every train.py run
+    python sweep.py --protocol xd --root DATA                   # Table 2 + DG: ImageNet all classes, then targets
 
-A run is finished when its results.json exists, so an interrupted sweep resumes where it stopped; a run that
-crashes is reported and the sweep goes on. Each run is its own process (python train.py ...), writing to
-train.py's default folder runs/<dataset>/<backbone>-<method>/shots<K>_seed<S> (or --runs instead of runs).
-Then: python eval.py --summarize runs/
+Base-to-new (--protocol b2n): a run is finished when its results.json exists, so an interrupted sweep resumes where
+it stopped; a run that crashes is reported and the sweep goes on. Each run is its own process (python train.py ...),
+writing to runs/<dataset>/<backbone>-<method>[-suffix]/shots<K>_seed<S> (or --runs instead of runs).
+Cross-dataset (--protocol xd): train.py --subsample all on the source (ImageNet) into runs/xd-<source>/..., then
+eval.py --datasets <targets> on the same folder; finished when transfer.json holds every target.
+Then: python eval.py --summarize runs/ --plot runs/
 """
 import argparse
 import os
 import subprocess
 import sys
+import json
 import time
 
-BASE_TO_NEW = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-               "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]  # MAO Table 1, in its order
+from data import BASE_TO_NEW
 
 
 def run_list(a):
@@ -33,7 +36,21 @@ def run_list(a):
 
 def out_dir(a, ds, bb, m, seed):
     name = f"{bb}-{m}" + (f"-{a.out_suffix}" if a.out_suffix else "")
-    return os.path.join(a.runs, ds, name, f"shots{a.shots}_seed{seed}")
+    return os.path.join(a.runs, ds if a.protocol == "b2n" else f"xd-{ds}", name, f"shots{a.shots}_seed{seed}")
+
+
+def missing_targets(a, run):
+    """The transfer targets an all-class run has not been evaluated on yet (all of them if transfer.json is absent)."""
+    path = os.path.join(out_dir(a, *run), "transfer.json")
+    done = json.load(open(path))["accuracy"] if os.path.isfile(path) else {}
+    return [t for t in a.targets if t not in done]
+
+
+def state(a, run):
+    """'done', 'train' (no results.json yet) or 'eval' (trained, some targets to evaluate)."""
+    if not os.path.isfile(os.path.join(out_dir(a, *run), "results.json")):
+        return "train"
+    return "eval" if a.protocol == "xd" and missing_targets(a, run) else "done"
 
 
 def main(argv=None):
@@ -41,7 +58,11 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--datasets", default="demo", help="comma list, or 'all' for the 11 base-to-new datasets")
+    ap.add_argument("--protocol", default="b2n", choices=["b2n", "xd"],
+                    help="b2n: base-to-new (Table 1); xd: train on all classes of the source, evaluate the targets")
+    ap.add_argument("--datasets", help="comma list, or 'all' for the 11 base-to-new datasets (default: demo; "
+                                       "xd: the source, imagenet)")
+    ap.add_argument("--targets", default="xd,dg", help="xd: datasets to evaluate zero-shot (see eval.py --datasets)")
     ap.add_argument("--backbones", default="zsclip,coop,maple,promptsrc")
     ap.add_argument("--methods", default="none,mao,dpc")
     ap.add_argument("--seeds", default="1,2,3")
@@ -52,29 +73,38 @@ def main(argv=None):
     ap.add_argument("--slice", default="0/1", help="i/n: run every n-th run starting at i (spread over GPUs)")
     ap.add_argument("--dry_run", action="store_true", help="list the runs and their state; run nothing")
     a = ap.parse_args(argv)
+    a.datasets = a.datasets or ("demo" if a.protocol == "b2n" else "imagenet")
     a.datasets = BASE_TO_NEW if a.datasets == "all" else a.datasets.split(",")
     a.backbones, a.methods = a.backbones.split(","), a.methods.split(",")
+    if a.protocol == "xd":
+        from eval import parse_targets
+        a.targets = parse_targets(a.targets)
+        if "zsclip" in a.backbones:
+            print("--protocol xd: zero-shot CLIP has no prompt to transfer; skipping zsclip")
+            a.backbones.remove("zsclip")
     a.seeds = [int(s) for s in a.seeds.split(",")]
     i, n = (int(x) for x in a.slice.split("/"))
     if not 0 <= i < n:
         ap.error(f"--slice {a.slice}: needs 0 <= i < n")
     runs = run_list(a)[i::n]
-    todo = [r for r in runs if not os.path.isfile(os.path.join(out_dir(a, *r), "results.json"))]
+    todo = [r for r in runs if state(a, r) != "done"]
     print(f"{len(runs)} runs in this slice, {len(runs) - len(todo)} finished, {len(todo)} to run")
     if a.dry_run:
         for r in runs:
-            state = "todo" if r in todo else "done"
-            print(f"  [{state}] {' '.join(cmd(a, r, extra)[1:])}")
+            st = state(a, r)
+            for c in commands(a, r, extra, st):
+                print(f"  [{'done' if st == 'done' else 'todo'}] {' '.join(c[1:])}")
         return dict(todo=todo, failed=[])
     failed = []
     here = os.path.dirname(os.path.abspath(__file__))
     for k, r in enumerate(todo):
-        c = cmd(a, r, extra)
-        print(f"[{k + 1}/{len(todo)}] {' '.join(c[1:])}", flush=True)
         t = time.time()
-        if subprocess.call(c, cwd=here) != 0:
-            failed.append(r)
-            print(f"  FAILED: {r}")
+        for c in commands(a, r, extra, state(a, r)):
+            print(f"[{k + 1}/{len(todo)}] {' '.join(c[1:])}", flush=True)
+            if subprocess.call(c, cwd=here) != 0:
+                failed.append(r)
+                print(f"  FAILED: {r}")
+                break
         else:
             print(f"  done in {(time.time() - t) / 60:.1f} min")
     if failed:
@@ -82,11 +112,20 @@ def main(argv=None):
     return dict(todo=todo, failed=failed)
 
 
-def cmd(a, r, extra):
+def commands(a, r, extra, st):
+    """The processes one run needs: train.py unless trained, then (xd) eval.py on the targets still missing."""
     ds, bb, m, seed = r
-    return [sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m, "--seed", str(seed),
-            "--shots", str(a.shots), "--root", os.path.abspath(a.root), "--out",
-            os.path.abspath(out_dir(a, ds, bb, m, seed))] + extra
+    out = os.path.abspath(out_dir(a, ds, bb, m, seed))
+    cmds = []
+    if st in ("train", "done"):
+        cmds.append([sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m, "--seed", str(seed),
+                     "--shots", str(a.shots), "--root", os.path.abspath(a.root), "--out", out]
+                    + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
+    if a.protocol == "xd":
+        targets = a.targets if st != "eval" else missing_targets(a, r)
+        cmds.append([sys.executable, "eval.py", "--ckpt", out, "--datasets", ",".join(targets), "--root",
+                     os.path.abspath(a.root)])
+    return cmds
 
 
 if __name__ == "__main__":

@@ -60,12 +60,40 @@ PRESETS = {
     ("ivlp", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9),
     ("ivlp", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9),
 }
+# Cross-dataset / domain generalisation (--subsample all, source ImageNet): each backbone's published XD config
+# (BACKBONES.md §11.2); MAO there trains its base step only, 5 epochs at lr 0.0035 (MAO Supp. B; the ep5 configs
+# of the official code use lr 0.005), on the backbone's XD structure (depth 3 for MaPLe / PromptSRC / IVLP)
+PRESETS_ALL = {
+    ("coop", "none"): dict(epochs=50, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a"),  # vit_b16_ep50_ctxv1
+    ("coop", "mao"): dict(epochs=5, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
+    ("maple", "none"): dict(epochs=2, lr=0.0026, batch_size=4, n_ctx=2, depth=3),  # ..._2ctx_cross_datasets
+    ("maple", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=2, depth=3),
+    ("promptsrc", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=3, gpa_mean=6, gpa_std=10,
+                                text_weight=25.0, image_weight=10.0),  # ..._4+4ctx_cross_datasets
+    ("promptsrc", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=3, gpa_mean=6, gpa_std=10,
+                               text_weight=25.0, image_weight=10.0),  # MAO's ep5_batch32_4+4ctx_cross_datasets (b 4)
+    ("ivlp", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=3),
+    ("ivlp", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=3),
+}
 # MAO Supp. B / §4.4: anchors b and Top-K per dataset (b*K must not exceed the number of base classes)
 DATASET_PRESETS = {"dtd": dict(anchors=2, topk=8), "oxford_pets": dict(anchors=2, topk=8),
                    "eurosat": dict(anchors=2, topk=2), "demo": dict(anchors=2, topk=8)}
 DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "demo_clip.pt")  # pretrain_clip.py
 DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8, n_vis=4,
                 depth=9, gpa_mean=0, gpa_std=0)
+# Flags that do not change what is learned; every other flag set away from its paper value makes a run a "variant"
+# (results.json), which eval.py tabulates apart from the paper setting (ablations, the --topk / --new_shots curves)
+NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "device", "precision",
+                "workers", "test_batch_size", "out", "resume", "log_every"}
+
+
+def setting_changes(args, preset, ap):
+    """{flag: value} for every setting given away from the paper's (the preset, else the argparse default)."""
+    paper = dict(preset, shots=16, new_shots=args.shots, stage=ap.get_default("stage"))
+    if args.subsample == "all":
+        paper["stage"] = args.stage  # forced to the base step below
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS and v is not None
+            and v != paper.get(k, ap.get_default(k)) and not (k == "clip" and v in ("ViT-B/16", DEMO_CLIP))}
 
 
 def parse_args(argv=None):
@@ -75,6 +103,9 @@ def parse_args(argv=None):
     ap.add_argument("--root", default="data", help="folder holding the datasets in the CoOp layout (see data.py)")
     ap.add_argument("--shots", type=int, default=16, help="labelled images per base class (CoOp protocol: 16)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and of training (paper: 1, 2, 3)")
+    ap.add_argument("--subsample", default="base", choices=["base", "all"],
+                    help="base: base-to-new protocol (Table 1). all: train on every class, the cross-dataset / DG "
+                         "source run (Table 2; evaluate targets with eval.py --datasets); MAO runs its base step only")
     # -- model --
     ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
     ap.add_argument("--clip", help="CLIP name, local checkpoint path, or 'tiny' (random, tests). Default: ViT-B/16; "
@@ -142,13 +173,20 @@ def parse_args(argv=None):
     if args.backbone != "promptsrc" and (args.text_weight is not None or args.image_weight is not None):
         ap.error("--text_weight / --image_weight weight PromptSRC's self-regulating losses; use --backbone promptsrc")
     stage1 = "none" if args.method == "dpc" else args.method  # DPC's stage 1 is the published backbone
-    preset = dict(DEFAULTS, **PRESETS.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}))
+    presets = PRESETS_ALL if args.subsample == "all" else PRESETS
+    preset = dict(DEFAULTS, **presets.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}))
     if (args.backbone, stage1) == ("coop", "none") and args.dataset == "imagenet":
         preset["epochs"] = 50  # vit_b16_ep50_ctxv1
+    # what this run changes from the paper setting: explicit flags that differ from the preset or the default
+    args.variant = setting_changes(args, preset, ap)
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.new_shots = args.new_shots or args.shots
+    if args.subsample == "all" and args.method == "mao":
+        if args.stage == "new":
+            ap.error("--subsample all trains every class with labels: there is no new step (MAO Supp. B)")
+        args.stage = "base"
     if args.clip is None:
         args.clip = DEMO_CLIP if args.dataset == "demo" else "ViT-B/16"
         if args.dataset == "demo" and not os.path.isfile(DEMO_CLIP):
@@ -157,14 +195,14 @@ def parse_args(argv=None):
         ap.error(f"--omega_b {args.omega_b} / --omega_n {args.omega_n}: DPC's weights lie in [0, 1]")
     if args.method == "dpc" and args.dpc_param == "mixed" and args.omega_b == 0:
         ap.error("--dpc_param mixed trains through (M - (1 - omega_b) P) / omega_b: it needs --omega_b > 0")
-    if args.method == "mao" and args.epochs < 2 and args.stage == "both":
+    if args.method == "mao" and args.epochs < 2 and args.stage == "both" and args.subsample == "base":
         ap.error(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision == "auto":
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
-    args.out = args.out or os.path.join("runs", args.dataset, f"{args.backbone}-{args.method}",
-                                        f"shots{args.shots}_seed{args.seed}")
+    args.out = args.out or os.path.join("runs", args.dataset if args.subsample == "base" else f"xd-{args.dataset}",
+                                        f"{args.backbone}-{args.method}", f"shots{args.shots}_seed{args.seed}")
     return args
 
 
@@ -305,13 +343,21 @@ def main(argv=None):
     if args.dataset == "demo" and not os.path.isdir(os.path.join(args.root, "demo")):
         print(f"writing the synthetic demo dataset to {make_demo(args.root)}")
     splits, image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
-    base, base_names = subsample_classes(splits, "base")
-    new, new_names = subsample_classes(splits, "new")
-    if args.new_shots != args.shots:
-        new_train = subsample_classes(fewshot_splits(args.dataset, args.root, args.new_shots, args.seed)[0], "new")[0]
-        new["train"] = new_train["train"]
-    if not new_names or not new["test"]:
-        raise ValueError(f"{args.dataset} has no new classes / new test images to evaluate (needs >= 2 classes)")
+    if args.subsample == "all":  # cross-dataset / DG source: every class is seen ("base" below), none is new
+        base, base_names = subsample_classes(splits, "all")
+        new, new_names = {"train": [], "test": []}, []
+    else:
+        base, base_names = subsample_classes(splits, "base")
+        new, new_names = subsample_classes(splits, "new")
+        if args.new_shots != args.shots:
+            new_train = subsample_classes(fewshot_splits(args.dataset, args.root, args.new_shots, args.seed)[0],
+                                          "new")[0]
+            new["train"] = new_train["train"]
+        if not new_names or not new["test"]:
+            raise ValueError(f"{args.dataset} has no new classes / new test images to evaluate (needs >= 2 classes)")
+    if not base["train"]:
+        raise ValueError(f"{args.dataset} has no training images (a test-only dataset is an evaluation target: "
+                         f"python eval.py --ckpt RUN --datasets {args.dataset})")
     if args.method == "mao" and args.stage in ("both", "new") and not new["train"]:
         raise ValueError("the new step needs unlabeled new-class training images; the new split is empty")
 
@@ -352,7 +398,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     nparams = sum(p.numel() for p in learner.parameters() if p.requires_grad)
-    log(f"{args.backbone} on {args.dataset}: {len(base_names)} base / {len(new_names)} new classes, "
+    t_train = time.time()
+    log(f"{args.backbone} on {args.dataset}: {len(base_names)} {'base' if args.subsample == 'base' else 'training'} / "
+        f"{len(new_names)} new classes, "
         f"{len(base['train'])} base train images, {nparams:,} learnable parameters, {device} {args.precision}")
 
     def backbone_losses(out):  # the backbone's own regularisers (PromptSRC's SCL), identical with or without MAO
@@ -380,7 +428,8 @@ def main(argv=None):
             return ce + sum(extra.values()), {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}}
         train_stage("base", learner, make_loader(base["train"], args.batch_size), plain_loss, args.epochs, args,
                     device, log)
-        save_atomic(prompt_checkpoint(learner, args, "base", args.epochs, "base"), os.path.join(args.out, "prompt.pt"))
+        save_atomic(prompt_checkpoint(learner, args, args.subsample, args.epochs, "base"),
+                    os.path.join(args.out, "prompt.pt"))
     elif mao_base:
         sampler = HardNegativeBatchSampler([y for _, y, _ in base["train"]], neighbours, args.anchors,
                                            seed=args.seed, distinct_anchors=bool(args.ar_dedup))
@@ -394,9 +443,10 @@ def main(argv=None):
             extra = backbone_losses(out)  # the backbone's own other losses are kept unchanged
             parts = {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}, "cand": len(candidates)}
             return ce + sum(extra.values()), parts
+        base_epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # XD: base step only (A1)
         train_stage("base", learner, make_loader(base["train"], batch_sampler=sampler), base_step_loss,
-                    args.epochs // 2, args, device, log)
-        save_atomic(prompt_checkpoint(learner, args, "base", args.epochs // 2, "base"),
+                    base_epochs, args, device, log)
+        save_atomic(prompt_checkpoint(learner, args, args.subsample, base_epochs, "base"),
                     os.path.join(args.out, "base_prompt.pt"))
     base_state = learner.learned_state()
 
@@ -423,7 +473,8 @@ def main(argv=None):
         for name, state in (("parallel_prompt.pt", parallel), ("base_prompt.pt", base_state),
                             ("new_prompt.pt", dpc_new_state)):
             learner.load_learned(state)
-            save_atomic(prompt_checkpoint(learner, args, "base" if name != "new_prompt.pt" else "new",
+            # new_prompt.pt scores classes not trained on: the new half, or a cross-dataset target's classes
+            save_atomic(prompt_checkpoint(learner, args, "new" if name == "new_prompt.pt" else args.subsample,
                                           args.dpc_epochs, "dpc"), os.path.join(args.out, name))
 
     # -- new classes: MAO's new step on unlabeled images with Top-1 pseudo-labels (Eq. (7)-(8)) --
@@ -470,7 +521,14 @@ def main(argv=None):
         return accuracy(learner, test_loader(image_dir, items, test_tf, args.test_batch_size, args.workers), device, desc)
 
     res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
-           "shots": args.shots, "stage": args.stage if args.method == "mao" else None, "toy_model": toy}
+           "shots": args.shots, "protocol": "b2n" if args.subsample == "base" else "all",
+           "stage": args.stage if args.method == "mao" else None, "variant": args.variant, "toy_model": toy,
+           "train_seconds": time.time() - t_train}
+    if args.subsample == "all":  # the source accuracy of Table 2; targets: eval.py --ckpt OUT --datasets xd,dg
+        res["all"] = evaluate(base_names, base_state, base["test"], "test all")
+        if args.method == "dpc":
+            res["all_stage1"] = evaluate(base_names, dual.frozen_prompt(), base["test"], "test all (P)")
+        return finish(res, args, f"all classes {res['all']:.2f}", toy, log)
     res["base"] = evaluate(base_names, base_state, base["test"], "test base")
     if args.method != "dpc":
         res["new_base_prompt"] = evaluate(new_names, base_state, new["test"], "test new (base prompt)")
@@ -486,15 +544,20 @@ def main(argv=None):
     else:
         res["new"] = res.pop("new_base_prompt")
     res["hm"] = harmonic_mean(res["base"], res["new"])
-    res["args"] = vars(args)
-    with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     line = f"base {res['base']:.2f} | new {res['new']:.2f} | HM {res['hm']:.2f}"
     if "new_base_prompt" in res:
         line += f" | new with base prompt {res['new_base_prompt']:.2f}"
     if "base_stage1" in res:
         line += f" | stage 1 (P): base {res['base_stage1']:.2f} new {res['new_stage1']:.2f}"
+    return finish(res, args, line, toy, log)
+
+
+def finish(res, args, line, toy, log):
+    """Write results.json atomically (its presence marks the run finished for sweep.py) and print the line."""
+    res["args"] = vars(args)
+    with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     log(line + (" (toy model: not a result)" if toy else ""))
     log(f"wrote {os.path.join(args.out, 'results.json')}")
     return res
