@@ -401,7 +401,7 @@ def main(argv=None):
     t_train = time.time()
     log(f"{args.backbone} on {args.dataset}: {len(base_names)} {'base' if args.subsample == 'base' else 'training'} / "
         f"{len(new_names)} new classes, "
-        f"{len(base['train'])} base train images, {nparams:,} learnable parameters, {device} {args.precision}")
+        f"{len(base['train'])} labelled training images, {nparams:,} learnable parameters, {device} {args.precision}")
 
     def backbone_losses(out):  # the backbone's own regularisers (PromptSRC's SCL), identical with or without MAO
         return self_regulating_losses(out.reg, args.text_weight, args.image_weight) if out.reg is not None else {}
