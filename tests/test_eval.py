@@ -143,3 +143,12 @@ def test_plots_are_valid_pngs(tmp_path):
     pts = evaluation.sweep_points(evaluation.b2n_rows(evaluation.load_runs(root)), "topk")[("coop", "mao")]
     assert list(pts) == [2, 4, 8]  # the run changing lr as well is not a point of the K curve
     assert [statistics.mean(r["base"] for r in pts[k]) for k in pts] == [72.0, 74.0, 81.0]
+
+
+def test_published_recipe_baselines_compare_with_the_backbone_papers(tmp_path):
+    for ds in BASE_TO_NEW:
+        write(str(tmp_path), ds, "none", 1, 80.0, 70.0, variant={"baseline_recipe": "published"}, folder="pub")
+    rows = evaluation.summarize(str(tmp_path))["b2n"]
+    assert all(r["paper"] is None for r in rows if r["dataset"] != "average")  # only averages were published
+    avg = next(r for r in rows if r["dataset"] == "average")
+    assert avg["paper"] == (82.69, 63.22, 71.66) and avg["variant"] == "baseline_recipe=published"
