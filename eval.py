@@ -27,6 +27,9 @@ import sys
 import torch
 from tqdm import tqdm
 
+from data import (BASE_TO_NEW, DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, fewshot_splits,
+                  read_splits, subsample_classes)
+
 
 def harmonic_mean(base, new):
     """HM = 2 B N / (B + N), the headline metric of base-to-new generalisation."""
@@ -48,7 +51,6 @@ def accuracy(learner, loader, device, desc="eval"):
 
 
 def test_loader(image_dir, items, transform, batch_size=100, workers=0):
-    from data import ImageList
     return torch.utils.data.DataLoader(ImageList(image_dir, items, transform), batch_size=batch_size,
                                        shuffle=False, num_workers=workers)
 
@@ -84,7 +86,6 @@ def prompt_files(run):
 def _setup(ckpt, overrides):
     """(CLIP, test transform, device, arguments) for evaluating a checkpoint; overrides win over its arguments."""
     from clip_prompt import load_clip
-    from data import build_transforms
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "backbone" in overrides and overrides["backbone"] != ckpt["backbone"]:
         raise ValueError(f"checkpoint is a '{ckpt['backbone']}' prompt, not '{overrides['backbone']}'")
@@ -107,7 +108,6 @@ def _prompt_accuracy(model, ck, names, image_dir, items, test_tf, device, a, des
 
 def evaluate_checkpoints(run, subsample=None, overrides=None):
     """Evaluate a run folder or one prompt file on its own dataset. Returns {'base', 'new', 'hm'} (or {'all'})."""
-    from data import fewshot_splits, subsample_classes
     files = prompt_files(run)
     ckpts = {k: load_checkpoint(f) for k, f in files.items()}
     model, test_tf, device, a = _setup(ckpts["base"], overrides)
@@ -128,7 +128,6 @@ def evaluate_checkpoints(run, subsample=None, overrides=None):
 
 def parse_targets(spec):
     """'xd' (Table 2's 10 targets), 'dg' (the 4 ImageNet variants) and dataset names, comma separated."""
-    from data import DG_TARGETS, XD_TARGETS, dataset_spec
     out = []
     for name in spec.split(","):
         for t in {"xd": XD_TARGETS, "dg": DG_TARGETS}.get(name.strip(), [name.strip()]):
@@ -143,7 +142,6 @@ def evaluate_transfer(run, targets, overrides=None, redo=False):
     test split, its own class names in the prompt. Targets whose classes the prompt was trained on (the ImageNet
     variants of an ImageNet run) use the base prompt, others the prompt for unseen classes (DPC's omega_n mix).
     Each result is merged into RUN/transfer.json as soon as it exists, so an interrupted evaluation resumes."""
-    from data import read_splits, subsample_classes
     if not os.path.isdir(run):
         raise FileNotFoundError(f"{run} is not a run folder (transfer results are written into it)")
     files = prompt_files(run)
@@ -178,7 +176,6 @@ def evaluate_transfer(run, targets, overrides=None, redo=False):
 
 def _table(text):
     """'B N H | B N H | ...' in data.BASE_TO_NEW order -> {dataset: (B, N, H)}."""
-    from data import BASE_TO_NEW
     return {d: tuple(float(x) for x in cell.split()) for d, cell in zip(BASE_TO_NEW, text.split("|"))}
 
 
@@ -215,10 +212,8 @@ def paper_numbers(backbone, method, tag):
     return {}, None
 
 
-_XD_COLUMNS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
-               "sun397", "dtd", "eurosat", "ucf101"]
 PAPER_XD = {  # MAO Table 2: source ImageNet, then the 10 targets (its "Avg." is their mean)
-    k: dict(zip(_XD_COLUMNS, map(float, v.split()))) for k, v in {
+    k: dict(zip(["imagenet"] + XD_TARGETS, map(float, v.split()))) for k, v in {
         ("coop", "none"): "71.25 93.91 89.97 65.56 67.88 85.86 22.11 66.92 42.55 47.77 67.30",
         ("coop", "mao"): "71.33 93.75 90.73 65.03 69.96 85.88 23.01 66.14 45.92 46.78 68.20",
         ("maple", "none"): "70.11 93.67 89.72 63.90 69.63 85.79 21.24 67.05 44.92 44.84 67.17",
@@ -256,13 +251,15 @@ def load_runs(root):
         r.setdefault("protocol", "b2n")
         r["tag"] = variant_tag(r.get("variant"))
         t = os.path.join(r["dir"], "transfer.json")
-        r["transfer"] = json.load(open(t))["accuracy"] if os.path.isfile(t) else {}
+        r["transfer"] = {}
+        if os.path.isfile(t):
+            with open(t) as f:
+                r["transfer"] = json.load(f)["accuracy"]
         runs.append(r)
     return runs
 
 
 def _order(key):
-    from data import BASE_TO_NEW
     bb, m, tag, ds = key
     rank = lambda xs, x: xs.index(x) if x in xs else len(xs)
     return rank(BACKBONE_ORDER, bb), bb, rank(METHOD_ORDER, m), m, tag, rank(BASE_TO_NEW, ds), ds
@@ -290,7 +287,6 @@ def _group(runs, protocol, warnings):
 def b2n_rows(runs, seeds=None, warnings=None):
     """Table 1 rows: per (backbone, method, variant, dataset) mean +- sample std over seeds, HM of the means, the
     paper's numbers (paper setting only) and an average row per (backbone, method, variant)."""
-    from data import BASE_TO_NEW
     warnings = [] if warnings is None else warnings
     usable = [r for r in runs if r["protocol"] != "b2n" or (r.get("base") is not None and r.get("new") is not None)]
     groups = _group(usable, "b2n", warnings)
@@ -425,7 +421,6 @@ def _write_csv(path, header, rows):
 def summarize(root, seeds=None):
     """Tabulate every results.json under root: Table 1 (base-to-new), Table 2 (cross-dataset) and DG, each as
     markdown + CSV in root, and all of them in summary.md. Returns dict(b2n=rows, xd=rows, markdown=text)."""
-    from data import DG_TARGETS, XD_TARGETS
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no results.json under {root} (train.py writes one per finished run)")

@@ -42,7 +42,10 @@ def out_dir(a, ds, bb, m, seed):
 def missing_targets(a, run):
     """The transfer targets an all-class run has not been evaluated on yet (all of them if transfer.json is absent)."""
     path = os.path.join(out_dir(a, *run), "transfer.json")
-    done = json.load(open(path))["accuracy"] if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return list(a.targets)
+    with open(path) as f:
+        done = json.load(f)["accuracy"]
     return [t for t in a.targets if t not in done]
 
 
