@@ -269,8 +269,9 @@ def _mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _group(runs, protocol, warnings):
-    """{(backbone, method, variant tag, dataset): {seed: run}}; a second run of the same seed is reported, not used."""
+def _group(runs, protocol, seeds, warnings):
+    """({(backbone, method, variant tag, dataset): {seed: run}}, the seeds every group should have: --seeds, else
+    every seed found). A second run of the same setting and seed is reported in warnings, not used."""
     groups = {}
     for r in runs:
         if r["protocol"] != protocol:
@@ -281,16 +282,14 @@ def _group(runs, protocol, warnings):
                             f"{r['dir']} (ignored)")
             continue
         g[r["seed"]] = r
-    return groups
+    return groups, seeds or sorted({s for g in groups.values() for s in g})
 
 
 def b2n_rows(runs, seeds=None, warnings=None):
     """Table 1 rows: per (backbone, method, variant, dataset) mean +- sample std over seeds, HM of the means, the
     paper's numbers (paper setting only) and an average row per (backbone, method, variant)."""
-    warnings = [] if warnings is None else warnings
-    usable = [r for r in runs if r["protocol"] != "b2n" or (r.get("base") is not None and r.get("new") is not None)]
-    groups = _group(usable, "b2n", warnings)
-    expected = seeds or sorted({s for g in groups.values() for s in g})
+    usable = [r for r in runs if r.get("base") is not None and r.get("new") is not None]
+    groups, expected = _group(usable, "b2n", seeds, [] if warnings is None else warnings)
     rows = []
     for key in sorted(groups, key=_order):
         bb, m, tag, ds = key
@@ -327,9 +326,7 @@ def b2n_rows(runs, seeds=None, warnings=None):
 def xd_rows(runs, seeds=None, warnings=None):
     """Table 2 / DG rows: per (backbone, method, variant, source) the source accuracy and each target's, mean +- std
     over the seeds that have it."""
-    warnings = [] if warnings is None else warnings
-    groups = _group(runs, "all", warnings)
-    expected = seeds or sorted({s for g in groups.values() for s in g})
+    groups, expected = _group(runs, "all", seeds, [] if warnings is None else warnings)
     rows = []
     for key in sorted(groups, key=_order):
         bb, m, tag, source = key

@@ -14,10 +14,10 @@ eval.py --datasets <targets> on the same folder; finished when transfer.json hol
 Then: python eval.py --summarize runs/ --plot runs/
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
-import json
 import time
 
 from data import BASE_TO_NEW
