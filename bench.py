@@ -31,8 +31,7 @@ import time
 import torch
 
 from clip_prompt import ZeroShotCLIP, build_learner, build_tiny_clip, clip_logits, load_clip
-from losses import (cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss,
-                    self_regulating_losses)
+from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
 from sampler import HardNegativeBatchSampler
 from train import DATASET_PRESETS, DEFAULTS, PRESETS
@@ -133,6 +132,7 @@ def bench_backbone(backbone, model, a, device, log):
     dtype = next(model.parameters()).dtype
     images = torch.randn(B, 3, R, R, generator=g).to(device, dtype)
     labels = torch.randperm(a.base_classes, generator=g)[:B].to(device)  # a hard-negative batch: distinct classes
+    kw.update(text_weight=cfg.get("text_weight", 25.0), image_weight=cfg.get("image_weight", 10.0))
     learner = build_learner(backbone, model, base_names, **kw)
     params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
@@ -140,11 +140,9 @@ def bench_backbone(backbone, model, a, device, log):
     opt_new = torch.optim.SGD([p for p in learner_new.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
     labeler = PseudoLabeler(ZeroShotCLIP(model, new_names))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    tw, iw = cfg.get("text_weight", 25.0), cfg.get("image_weight", 10.0)
 
     def step(loss, out, opt):
-        if out.reg is not None:  # the backbone's own other losses (PromptSRC), the same in every line
-            loss = loss + sum(self_regulating_losses(out.reg, tw, iw).values())
+        loss = loss + sum(out.losses.values())  # the backbone's own other losses (PromptSRC), the same in every line
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -14,9 +14,9 @@ and the class probability is the softmax of scaled cosine similarities (MAO Eq. 
 protocol, M = 4 initialised from the embeddings of "a photo of a", so before training CoOp equals zero-shot CLIP
 with the template "a photo of a {}." exactly (tests/test_clip_prompt.py checks this).
 
-Every learner has the same small interface, and nothing here knows about MAO (it imports nothing from
-sampler.py, losses.py or pseudolabel.py):
-    learner(images, class_ids) -> Output(logits, frozen_image_features, reg)
+Every learner has the same small interface, and nothing here knows about MAO or DPC (it imports nothing from
+sampler.py, losses.py, pseudolabel.py or dpc.py):
+    learner(images, class_ids) -> Output(logits, frozen_image_features, losses)  # losses: its own extra terms
     learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features
     learner.set_classnames(names)                                  # re-target, keeping learned tensors
     learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
@@ -26,8 +26,11 @@ import os
 import warnings
 from collections import namedtuple
 
-import clip
 import torch
+
+with warnings.catch_warnings():  # openai-clip imports pkg_resources, which setuptools deprecates: noise on every run
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    import clip
 import torch.nn as nn
 import torch.nn.functional as F
 from clip.model import CLIP, build_model
@@ -145,8 +148,9 @@ def encode_image(model, images, shallow=None, deep=None):
 
 
 # logits over the requested classes; plain-CLIP image features if the forward computed them (else None);
-# reg: tensors a backbone's own self-regulating losses need (PromptSRC), None for the others
-Output = namedtuple("Output", "logits frozen_image_features reg")
+# losses: the learner's own extra loss terms {name: scalar}, already weighted (PromptSRC's SCL; {} for CoOp), which
+# every training step adds unchanged ("other possible loss functions ... are maintained unchanged", MAO §3.2)
+Output = namedtuple("Output", "logits frozen_image_features losses")
 
 
 def clip_logits(model, image_features, text_features):
@@ -187,7 +191,7 @@ class ZeroShotCLIP(nn.Module):
 
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E)
-        return Output(clip_logits(self.clip, img, self.encode_text(class_ids)), img, None)
+        return Output(clip_logits(self.clip, img, self.encode_text(class_ids)), img, {})
 
     def learned_state(self):
         return {}
@@ -264,7 +268,7 @@ class CoOp(nn.Module):
         img = self.encode_image(images)  # (B, E)
         txt = self.encode_text(class_ids)  # (C', E)
         frozen = img.detach() if self.frozen_image_encoder else None  # prompted features (MaPLe, IVLP) are not CLIP's
-        return Output(clip_logits(self.clip, img, txt), frozen, None)
+        return Output(clip_logits(self.clip, img, txt), frozen, {})
 
     def learned_state(self):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -328,8 +332,13 @@ PROMPTSRC_TEMPLATES = [
 
 
 class PromptSRC(IVLP):
-    """IVLP plus self-regulation towards frozen CLIP (PromptSRC §3.2): the forward also returns the frozen
-    targets, and losses.self_regulating_losses turns them into the three SCL terms during training."""
+    """IVLP plus self-regulation towards frozen CLIP (PromptSRC §3.2): in training the forward also returns the three
+    self-regulating consistency terms (L_SCL) as its own extra losses."""
+
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9, depth_vis=9,
+                 text_weight=25.0, image_weight=10.0):
+        super().__init__(model, classnames, n_ctx, ctx_init, n_vis, depth_text, depth_vis)
+        self.text_weight, self.image_weight = text_weight, image_weight
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
@@ -353,13 +362,28 @@ class PromptSRC(IVLP):
         logits_all = clip_logits(self.clip, img, txt)  # (B, C)
         logits = logits_all if class_ids is None else logits_all[:, class_ids]  # the requested classes
         if not self.training:
-            return Output(logits, None, None)
+            return Output(logits, None, {})
         with torch.no_grad():  # the frozen image encoder on the same augmented batch
             img0 = F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
         t0 = self.text_target  # (C, E)
-        reg = dict(text=txt, text_target=t0, image=img, image_target=img0, logits=logits_all,
-                   logits_target=clip_logits(self.clip, img0, t0))
+        reg = self_regulating_losses(txt, t0, img, img0, logits_all, clip_logits(self.clip, img0, t0),
+                                     self.text_weight, self.image_weight)
         return Output(logits, img0, reg)
+
+
+def self_regulating_losses(text, text_target, image, image_target, logits, logits_target, text_weight=25.0,
+                           image_weight=10.0):
+    """PromptSRC's three consistency terms (PromptSRC §3.2), each towards frozen CLIP:
+
+    text:   mean |t - t0| over all C x E entries of the normalised prompted / frozen-template text features
+    image:  mean |v - v0| over all B x E entries of the normalised prompted / frozen image features
+    logits: sum of p0 * (log p0 - log p) over the batch and all C classes, divided by B * C (the official reduction)
+    """
+    text = F.l1_loss(text, text_target)
+    image = F.l1_loss(image, image_target)
+    logp, logp0 = F.log_softmax(logits, -1), F.log_softmax(logits_target, -1)
+    kl = F.kl_div(logp, logp0, reduction="sum", log_target=True) / logits.numel()
+    return {"scl_text": text_weight * text, "scl_image": image_weight * image, "scl_kl": kl}
 
 
 # -----------------------------------------------------------------------------
@@ -385,81 +409,21 @@ class MaPLe(CoOp):
         return self.proj(self.ctx), deep
 
 
-# -----------------------------------------------------------------------------
-# DPC's parallel prompt around any learner (DPC §3.1; METHODS.md B2-B3)
-
-class DualPrompt(nn.Module):
-    """P (the stage-1 prompt, frozen) and the parallel prompt P' (trained, P' = P at the start), for any learner:
-    "prompt" means every learnable tensor of the learner (CoOp's context; MaPLe's prompts and couplings; ...).
-
-    The backbone is untouched: its forward runs with P' substituted for its learnable tensors (functional_call).
-    param='direct' (paper): the trained tensor is P' itself. param='mixed' (official code): the stored tensor is
-    M = w P' + (1 - w) P and the forward uses P' = (M - (1 - w) P) / w, so SGD moves P' at lr / w^2 (w = omega_b).
-    Weighting-decoupling (mix): w P' + (1 - w) P, with w = omega_b for base classes and omega_n for new ones.
-    """
-
-    def __init__(self, learner, omega_b=0.2, param="direct"):
-        super().__init__()
-        if param not in ("direct", "mixed"):
-            raise ValueError(f"param must be 'direct' or 'mixed', not '{param}'")
-        if param == "mixed" and not 0 < omega_b <= 1:
-            raise ValueError(f"--dpc_param mixed divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
-        self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
-        self.omega_b, self.param = omega_b, param
-        own = dict(learner.named_parameters())
-        for n in self.names:
-            self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
-        self.stored = nn.ParameterDict({self._key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})
-        self.learner = learner.requires_grad_(False)  # its own tensors keep P; the forward substitutes P'
-
-    @staticmethod
-    def _key(name):
-        return name.replace(".", "__")  # ParameterDict keys may not hold dots
-
-    def frozen_prompt(self):
-        return {n: getattr(self, "P__" + self._key(n)) for n in self.names}
-
-    def parallel_prompt(self):
-        """P' as the forward uses it (differentiable)."""
-        P, w = self.frozen_prompt(), self.omega_b
-        if self.param == "direct":
-            return {n: self.stored[self._key(n)] for n in self.names}
-        return {n: (self.stored[self._key(n)] - (1 - w) * P[n]) / w for n in self.names}  # F^-1(M)
-
-    def mix(self, omega):
-        """omega P' + (1 - omega) P, detached, on the CPU: a learned state for learner.load_learned."""
-        P, Q = self.frozen_prompt(), self.parallel_prompt()
-        return {n: (omega * Q[n] + (1 - omega) * P[n]).detach().cpu().clone() for n in self.names}
-
-    def forward(self, images, class_ids=None):
-        return torch.func.functional_call(self.learner, self.parallel_prompt(), (images, class_ids), strict=False)
-
-    def learned_state(self):  # the stored trainable tensors (P' or M), for checkpoints and resume
-        return {n: self.stored[self._key(n)].detach().cpu().clone() for n in self.names}
-
-    def load_learned(self, state):
-        if set(state) != set(self.names):
-            raise ValueError(f"checkpoint tensors {sorted(state)} do not match {sorted(self.names)}")
-        with torch.no_grad():
-            for n in self.names:
-                p = self.stored[self._key(n)]
-                p.copy_(state[n].to(p.device, p.dtype))
-
-
 BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp")
 
 
 def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.",
-                  n_vis=4, depth=9):
+                  n_vis=4, depth=9, text_weight=25.0, image_weight=10.0):
     """The prompt learner for a backbone name, on the device of the frozen CLIP."""
     device = model.token_embedding.weight.device
     if backbone == "zsclip":
         return ZeroShotCLIP(model, classnames, template).to(device)
     if backbone == "coop":
         return CoOp(model, classnames, n_ctx, ctx_init).to(device)
-    if backbone in ("ivlp", "promptsrc"):
-        cls = IVLP if backbone == "ivlp" else PromptSRC
-        return cls(model, classnames, n_ctx, ctx_init, n_vis, depth, depth).to(device)
+    if backbone == "ivlp":
+        return IVLP(model, classnames, n_ctx, ctx_init, n_vis, depth, depth).to(device)
+    if backbone == "promptsrc":
+        return PromptSRC(model, classnames, n_ctx, ctx_init, n_vis, depth, depth, text_weight, image_weight).to(device)
     if backbone == "maple":
         return MaPLe(model, classnames, n_ctx, ctx_init, depth).to(device)
     raise ValueError(f"unknown backbone '{backbone}'. Choose one of: {', '.join(BACKBONES)}")

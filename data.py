@@ -303,6 +303,29 @@ def build_transforms(resolution):
     return train, test
 
 
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded; the message names its path and the fix."""
+
+
+def error_line(e):
+    """The one line to show for an error. An error raised in a DataLoader worker arrives wrapped in the worker's
+    traceback text; its last line is the original message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
+def read_image(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path} ({type(e).__name__}: {e}). Re-download it or remove it "
+                             f"from the split file.") from None
+
+
 class ImageList(torch.utils.data.Dataset):
     """Items decoded in DataLoader workers. Yields (image, label, index); unlabeled items carry label -1."""
 
@@ -314,13 +337,7 @@ class ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rel, label, _ = self.items[i]
-        path = os.path.join(self.image_dir, rel)
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise RuntimeError(f"cannot read image {path}: {e}. Re-download or remove it from the split.") from e
-        return self.transform(image), label, i
+        return self.transform(read_image(os.path.join(self.image_dir, rel))), label, i
 
 
 def hide_labels(items):

@@ -9,15 +9,14 @@ skipping any class already in the batch, so a batch holds at most b*K images and
 The sampler yields *indices*: the DataLoader's workers decode and augment every image (anchors and negatives get
 the same training transform), so the training step never touches the disk.
 
-DPC's Dynamic Hard Negative Optimizer (DPC §3, METHODS.md B4) uses the same batch builder; only the ranking differs:
-each anchor *image* ranks the base classes by its image-text similarity under the frozen stage-1 prompt P
-(image_text_neighbours), so the table has one row per training image and is refreshed every epoch.
+DPC's Dynamic Hard Negative Optimizer (dpc.py) reuses this batch builder with another ranking: each anchor *image*
+ranks the base classes by image-text similarity under a frozen prompt, so its table has one row per training image
+and is refreshed every epoch (HardNegativeBatchSampler accepts such a ranking in place of the class table).
 """
 import random
 
 import torch
 
-from clip_prompt import clip_logits
 
 # -----------------------------------------------------------------------------
 # Top-K semantically closest base classes from MiniLM sentence embeddings (Eq. 4)
@@ -48,37 +47,6 @@ def class_neighbours(classnames, K, encoder=None):
     return cosine.topk(K, dim=1).indices  # Eq. (4)
 
 
-@torch.no_grad()
-def image_text_neighbours(learner, loader, K, device):
-    """DPC's ranking: for every training image, the K base classes its frozen learner scores highest.
-
-    learner: the frozen stage-1 model (prompt P) over all base classes; loader yields (image, label, index) over the
-    training items (augmented views, as DPC ranks augmented anchors). Batched, no gradients. Returns (N, K) class ids,
-    highest similarity first (softmax would not change the order, so the logits are ranked directly).
-    """
-    was_training = learner.training
-    learner.eval()
-    text = learner.encode_text()  # (C, E), once
-    table = torch.empty(len(loader.dataset), K, dtype=torch.long)
-    for images, _, idx in loader:
-        logits = clip_logits(learner.clip, learner.encode_image(images.to(device)), text)  # (B, C)
-        table[idx] = logits.topk(K, dim=1).indices.cpu()
-    learner.train(was_training)
-    return table
-
-
-class ImageTextRanking:
-    """DPC's neighbour source for HardNegativeBatchSampler: called with the epoch, it re-ranks every training image
-    on a fresh augmented view with the frozen learner (P), giving an (N, K) table for that epoch."""
-
-    def __init__(self, learner, loader, K, device):
-        self.learner, self.loader, self.K, self.device = learner, loader, K, device
-        self.num_classes = len(learner.classnames)
-
-    def __call__(self, epoch):
-        return image_text_neighbours(self.learner, self.loader, self.K, self.device)
-
-
 def check_settings(num_classes, b, K):
     """Refuse settings under which the hard-negative batch cannot be built as the paper intends."""
     if num_classes < 2:
@@ -105,8 +73,8 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
     b: anchors per batch; distinct_anchors: anchors of one batch have distinct classes (False: the official
     code's plain shuffled batches, where two anchors may share a class); min_negatives: the fallback tops an
     anchor up to this many random unused classes when its neighbours are all taken (capped at K-1).
-    neighbours may instead be a per-image ranking (DPC: an ImageTextRanking, with num_classes and K): set_epoch(e)
-    then asks it for that epoch's (N, K) table, one row per training item.
+    neighbours may instead be a per-image ranking: a callable with num_classes and K attributes (dpc.py's
+    ImageTextRanking); set_epoch(e) then asks it for that epoch's (N, K) table, one row per training item.
     Deterministic in (seed, epoch): call set_epoch(e) before each epoch.
     """
 
@@ -140,7 +108,8 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
         return max(1, len(self.labels) // self.b)  # every image is an anchor once per epoch, last partial batch dropped
 
     def negatives(self, y, used, rng, i=None):
-        """Up to K-1 nearest classes of y (of item i's ranking, DPC) not used yet, topped up at random if too few."""
+        """Up to K-1 nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped up at random
+        if too few."""
         ranked = self.item_neighbours[i] if self.rank_fn is not None else self.neighbours[y]
         negs = [c for c in ranked if c != y][: self.K - 1]  # the ground truth is never its own negative
         negs = [c for c in negs if c not in used]

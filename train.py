@@ -14,10 +14,13 @@ MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two ha
 The backbone never knows: MAO acts only through the batches, candidate classes and labels it gives the learner.
 Base accuracy uses the base-step prompt, new accuracy the new-step prompt (METHODS.md A1).
 
-DPC (CVPR 2025, METHODS.md part B) runs after the backbone alone (stage 1, prompt P, or --init_from):
+DPC (CVPR 2025, dpc.py) runs after the backbone alone (stage 1, prompt P, or --init_from):
   stage 2    P' cloned from P and trained on hard-negative batches ranked per image by frozen P's image-text
-             similarity (sampler.py) with the symmetric contrastive loss (losses.py); P stays frozen
+             similarity with the symmetric contrastive loss L_CL; P stays frozen
   inference  base classes with omega_b P' + (1 - omega_b) P, new classes with omega_n P' + (1 - omega_n) P
+
+main() reads as the paper's Fig. 2: data -> frozen CLIP -> prompt learner -> one of {the backbone alone; MAO's base
+step then new step; DPC's stage 1 then stage 2} -> evaluation.
 """
 import argparse
 import json
@@ -27,19 +30,20 @@ import random
 import resource
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_prompt import BACKBONES, DualPrompt, ZeroShotCLIP, build_learner, load_clip
-from data import (DATASETS, ImageList, build_transforms, dataset_spec, fewshot_splits, hide_labels, make_demo,
-                  subsample_classes)
-from eval import accuracy, harmonic_mean, test_loader
-from losses import (cross_entropy, dynamic_candidate_loss, dynamic_candidates, gpa_weights, pseudo_label_loss,
-                    self_regulating_losses, symmetric_contrastive_loss)
+from clip_prompt import BACKBONES, ZeroShotCLIP, build_learner, load_clip
+from data import (DATASETS, ImageList, build_transforms, dataset_spec, error_line, fewshot_splits, hide_labels,
+                  make_demo, subsample_classes)
+from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
+from eval import accuracy, harmonic_mean, load_checkpoint, test_loader
+from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
-from sampler import HardNegativeBatchSampler, ImageTextRanking, check_settings, class_neighbours
+from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
 
 # -----------------------------------------------------------------------------
 # Paper presets: an explicit flag beats the preset, which beats the argparse default
@@ -103,86 +107,111 @@ def setting_changes(args, preset, ap):
             and v != paper.get(k, ap.get_default(k)) and not (k == "clip" and v in ("ViT-B/16", DEMO_CLIP))}
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Prompt tuning with MAO (base step + new step), DPC, or alone.")
-    # -- data --
-    ap.add_argument("--dataset", default="dtd", help=f"one of {', '.join(DATASETS)}; 'demo' is generated locally")
-    ap.add_argument("--root", default="data", help="folder holding the datasets in the CoOp layout (see data.py)")
-    ap.add_argument("--shots", type=int, default=16, help="labelled images per base class (CoOp protocol: 16)")
-    ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and of training (paper: 1, 2, 3)")
-    ap.add_argument("--subsample", default="base", choices=["base", "all"],
-                    help="base: base-to-new protocol (Table 1). all: train on every class, the cross-dataset / DG "
-                         "source run (Table 2; evaluate targets with eval.py --datasets); MAO runs its base step only")
-    # -- model --
-    ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
-    ap.add_argument("--clip", help="CLIP name, local checkpoint path, or 'tiny' (random, tests). Default: ViT-B/16; "
-                                   "for --dataset demo the shipped demo CLIP (weights/demo_clip.pt)")
-    ap.add_argument("--n_ctx", type=int, help="M: learnable context tokens (CoOp §3). Base-to-new: 4 (from ctx_init)")
-    ap.add_argument("--ctx_init", help="phrase initialising the context (CoOp: M = its word count); '' = random init")
-    ap.add_argument("--n_vis", type=int, help="vision prompt tokens (IVLP/PromptSRC §3.1). Paper: 4")
-    ap.add_argument("--depth", type=int, help="J: layers carrying prompts (MaPLe §3.2, PromptSRC). Paper: 9")
-    ap.add_argument("--text_weight", type=float, help="PromptSRC L_SCL text weight (§3.2). Paper: 25")
-    ap.add_argument("--image_weight", type=float, help="PromptSRC L_SCL image weight (§3.2). Paper: 10")
-    ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA Gaussian mean epoch (§3.3); 0 = off. Paper: 15")
-    ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA Gaussian std (§3.3). Paper: 1")
-    # -- MAO --
-    ap.add_argument("--method", default="mao", choices=["mao", "none", "dpc"],
-                    help="mao: two-step MAO; none: the backbone alone; dpc: backbone, then DPC's parallel prompt")
-    ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="run MAO's base step, new step or both")
-    ap.add_argument("--baseline_recipe", default="mao", choices=["mao", "published"],
-                    help="epochs / lr / batch of the backbone alone (--method none, DPC stage 1): mao = MAO Supp. B's "
-                         "20 / 0.002 / 32 for every backbone (Table 1's baseline rows); published = the backbone "
-                         "authors' configs (CoOp 200 epochs, MaPLe 5, PromptSRC 20 at lr 0.0025, batch 4)")
-    ap.add_argument("--init_from", help="prompt checkpoint to start from (new step: the base-step prompt)")
-    ap.add_argument("--topk", type=int, help="K: Top-K nearest classes of Eq. (4) (MAO §3.2). Paper: 8 (EuroSAT 2)")
-    ap.add_argument("--anchors", type=int, help="b: anchor images per hard-negative batch (MAO Supp. B). Paper: 4 (DTD, Pets, EuroSAT 2)")
-    ap.add_argument("--ar_dedup", type=int, default=1, choices=[0, 1],
-                    help="C~'_b of Eq. (5): 1 = unique classes (paper); 0 = official code (one row per image, anchors may repeat)")
-    ap.add_argument("--pseudo_labeler", default="clip", choices=["clip", "tuned"],
-                    help="teacher of Eq. (7): clip = zero-shot foundation CLIP (paper, Table 5); tuned = base-step prompt (official code)")
-    ap.add_argument("--pseudo_label_every", default="batch", choices=["batch", "epoch"],
-                    help="batch: online on each augmented batch (paper); epoch: once on un-augmented views (faster)")
-    ap.add_argument("--new_shots", type=int, help="S: unlabeled images per new class (default: --shots; MAO Fig. 4: 8 <= S <= 32)")
-    ap.add_argument("--new_batch_size", type=int, default=32, help="new-step batch (unspecified in the paper; b*K = 32)")
-    # -- DPC --
-    ap.add_argument("--omega_b", type=float, default=0.2, help="DPC base-class weight of P' (paper: 0.2)")
-    ap.add_argument("--omega_n", type=float, default=0.0, help="DPC new-class weight of P' (paper: -> 0)")
-    ap.add_argument("--dpc_epochs", type=int, default=20, help="DPC stage-2 epochs (paper: 20)")
-    ap.add_argument("--dpc_lr", type=float, default=0.002, help="DPC stage-2 SGD learning rate (paper: 0.002)")
-    ap.add_argument("--dpc_param", default="direct", choices=["direct", "mixed"],
-                    help="direct: train P' (paper); mixed: store w P' + (1-w) P and train through its inverse, "
-                         "i.e. P' at lr / omega_b^2 (official code)")
-    ap.add_argument("--dpc_base_infer", default="mixed", choices=["mixed", "parallel"],
-                    help="base classes scored with omega_b P' + (1-omega_b) P (paper) or P' alone (official code)")
-    ap.add_argument("--dpc_backbone_losses", type=int, default=1, choices=[0, 1],
-                    help="1: keep the backbone's own losses beside L_CL (paper: 'parallel to other backbone "
-                         "losses'); 0: L_CL only (official code)")
-    # -- optim --
-    ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
-    ap.add_argument("--lr", type=float, help="SGD learning rate (CoOp 0.002; MAO 0.0035)")
-    ap.add_argument("--batch_size", type=int, help="images per step for --method none (CoOp 32; MaPLe, PromptSRC 4)")
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--weight_decay", type=float, default=5e-4)
-    ap.add_argument("--warmup_epochs", type=int, default=1, help="constant warm-up epochs before the cosine (Dassl)")
-    ap.add_argument("--warmup_lr", type=float, default=1e-5)
-    # -- system --
-    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp16", "fp32"],
-                    help="frozen CLIP dtype: auto = fp16 on GPU (paper) with loss scaling, fp32 on CPU")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    ap.add_argument("--test_batch_size", type=int, default=100)
-    ap.add_argument("--out", help="output folder (default runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
-    ap.add_argument("--log_every", type=int, default=20, help="iterations between log lines")
-    args = ap.parse_args(argv)
+# -----------------------------------------------------------------------------
+# Flags: one flat block, grouped as in the paper (an explicit flag beats the preset, which beats the default)
 
+PARSER = ap = argparse.ArgumentParser(description="Prompt tuning with MAO (base step + new step), DPC, or alone.")
+# -- data --
+ap.add_argument("--dataset", default="dtd", help=f"one of {', '.join(DATASETS)}; 'demo' is generated locally")
+ap.add_argument("--root", default="data", help="folder holding the datasets in the CoOp layout (see data.py)")
+ap.add_argument("--shots", type=int, default=16, help="labelled images per base class (CoOp protocol: 16)")
+ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and of training (paper: 1, 2, 3)")
+ap.add_argument("--subsample", default="base", choices=["base", "all"],
+                help="base: base-to-new protocol (Table 1). all: train on every class, the cross-dataset / DG "
+                     "source run (Table 2; evaluate targets with eval.py --datasets); MAO runs its base step only")
+# -- model --
+ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
+ap.add_argument("--clip", help="CLIP name, local checkpoint path, or 'tiny' (random, tests). Default: ViT-B/16; "
+                               "for --dataset demo the shipped demo CLIP (weights/demo_clip.pt)")
+ap.add_argument("--n_ctx", type=int, help="M: learnable context tokens (CoOp §3). Base-to-new: 4 (from ctx_init)")
+ap.add_argument("--ctx_init", help="phrase initialising the context (CoOp: M = its word count); '' = random init")
+ap.add_argument("--n_vis", type=int, help="vision prompt tokens (IVLP/PromptSRC §3.1). Paper: 4")
+ap.add_argument("--depth", type=int, help="J: layers carrying prompts (MaPLe §3.2, PromptSRC). Paper: 9")
+ap.add_argument("--text_weight", type=float, help="PromptSRC L_SCL text weight (§3.2). Paper: 25")
+ap.add_argument("--image_weight", type=float, help="PromptSRC L_SCL image weight (§3.2). Paper: 10")
+ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA Gaussian mean epoch (§3.3); 0 = off. Paper: 15")
+ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA Gaussian std (§3.3). Paper: 1")
+# -- MAO --
+ap.add_argument("--method", default="mao", choices=["mao", "none", "dpc"],
+                help="mao: two-step MAO; none: the backbone alone; dpc: backbone, then DPC's parallel prompt")
+ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="run MAO's base step, new step or both")
+ap.add_argument("--baseline_recipe", default="mao", choices=["mao", "published"],
+                help="epochs / lr / batch of the backbone alone (--method none, DPC stage 1): mao = MAO Supp. B's "
+                     "20 / 0.002 / 32 for every backbone (Table 1's baseline rows); published = the backbone "
+                     "authors' configs (CoOp 200 epochs, MaPLe 5, PromptSRC 20 at lr 0.0025, batch 4)")
+ap.add_argument("--init_from", help="prompt checkpoint to start from (new step: the base-step prompt)")
+ap.add_argument("--topk", type=int, help="K: Top-K nearest classes of Eq. (4) (MAO §3.2). Paper: 8 (EuroSAT 2)")
+ap.add_argument("--anchors", type=int, help="b: anchor images per hard-negative batch (MAO Supp. B). Paper: 4 (DTD, Pets, EuroSAT 2)")
+ap.add_argument("--ar_dedup", type=int, default=1, choices=[0, 1],
+                help="C~'_b of Eq. (5): 1 = unique classes (paper); 0 = official code (one row per image, anchors may repeat)")
+ap.add_argument("--pseudo_labeler", default="clip", choices=["clip", "tuned"],
+                help="teacher of Eq. (7): clip = zero-shot foundation CLIP (paper, Table 5); tuned = base-step prompt (official code)")
+ap.add_argument("--pseudo_label_every", default="batch", choices=["batch", "epoch"],
+                help="batch: online on each augmented batch (paper); epoch: once on un-augmented views (faster)")
+ap.add_argument("--new_shots", type=int, help="S: unlabeled images per new class (default: --shots; MAO Fig. 4: 8 <= S <= 32)")
+ap.add_argument("--new_batch_size", type=int, default=32, help="new-step batch (unspecified in the paper; b*K = 32)")
+# -- DPC --
+ap.add_argument("--omega_b", type=float, default=0.2, help="DPC base-class weight of P' (paper: 0.2)")
+ap.add_argument("--omega_n", type=float, default=0.0, help="DPC new-class weight of P' (paper: -> 0)")
+ap.add_argument("--dpc_epochs", type=int, default=20, help="DPC stage-2 epochs (paper: 20)")
+ap.add_argument("--dpc_lr", type=float, default=0.002, help="DPC stage-2 SGD learning rate (paper: 0.002)")
+ap.add_argument("--dpc_param", default="direct", choices=["direct", "mixed"],
+                help="direct: train P' (paper); mixed: store w P' + (1-w) P and train through its inverse, "
+                     "i.e. P' at lr / omega_b^2 (official code)")
+ap.add_argument("--dpc_base_infer", default="mixed", choices=["mixed", "parallel"],
+                help="base classes scored with omega_b P' + (1-omega_b) P (paper) or P' alone (official code)")
+ap.add_argument("--dpc_backbone_losses", type=int, default=1, choices=[0, 1],
+                help="1: keep the backbone's own losses beside L_CL (paper: 'parallel to other backbone "
+                     "losses'); 0: L_CL only (official code)")
+# -- optim --
+ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
+ap.add_argument("--lr", type=float, help="SGD learning rate (CoOp 0.002; MAO 0.0035)")
+ap.add_argument("--batch_size", type=int, help="images per step for --method none (CoOp 32; MaPLe, PromptSRC 4)")
+ap.add_argument("--momentum", type=float, default=0.9)
+ap.add_argument("--weight_decay", type=float, default=5e-4)
+ap.add_argument("--warmup_epochs", type=int, default=1, help="constant warm-up epochs before the cosine (Dassl)")
+ap.add_argument("--warmup_lr", type=float, default=1e-5)
+# -- system --
+ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+ap.add_argument("--precision", default="auto", choices=["auto", "fp16", "fp32"],
+                help="frozen CLIP dtype: auto = fp16 on GPU (paper) with loss scaling, fp32 on CPU")
+ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+ap.add_argument("--test_batch_size", type=int, default=100)
+ap.add_argument("--out", help="output folder (default runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
+ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
+ap.add_argument("--log_every", type=int, default=20, help="iterations between log lines")
+del ap
+
+
+def check_ranges(args):
+    """Refuse numbers no run can use, before anything is written (the optimiser would refuse some only later)."""
+    positive = ["shots", "new_batch_size", "test_batch_size", "log_every", "dpc_epochs", "dpc_lr", "warmup_lr"]
+    positive += [k for k in ("lr", "epochs", "batch_size", "new_shots", "topk", "anchors", "n_ctx", "depth")
+                 if getattr(args, k) is not None]
+    for k in positive:
+        if not getattr(args, k) > 0:
+            raise ValueError(f"--{k} {getattr(args, k)}: must be > 0")
+    for k in ("weight_decay", "warmup_epochs", "workers", "n_vis"):
+        if getattr(args, k) is not None and getattr(args, k) < 0:
+            raise ValueError(f"--{k} {getattr(args, k)}: must be >= 0")
+    if not 0 <= args.momentum < 1:
+        raise ValueError(f"--momentum {args.momentum}: SGD momentum lies in [0, 1)")
+    if not (0 <= args.omega_b <= 1 and 0 <= args.omega_n <= 1):
+        raise ValueError(f"--omega_b {args.omega_b} / --omega_n {args.omega_n}: DPC's weights lie in [0, 1]")
+
+
+def parse_args(argv=None):
+    """Flags -> resolved arguments: paper presets filled in, impossible settings refused with the fix named."""
+    args = PARSER.parse_args(argv)
     args.dataset = dataset_spec(args.dataset)[0]  # unknown names fail here, before anything is written
     if args.backbone not in BACKBONES:
-        ap.error(f"unknown backbone '{args.backbone}'. Choose one of: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone '{args.backbone}'. Choose one of: {', '.join(BACKBONES)}")
+    check_ranges(args)
     if args.backbone == "zsclip":
         args.method = "none"  # nothing to train
     if args.backbone != "promptsrc" and (args.text_weight is not None or args.image_weight is not None):
-        ap.error("--text_weight / --image_weight weight PromptSRC's self-regulating losses; use --backbone promptsrc")
+        raise ValueError("--text_weight / --image_weight weight PromptSRC's self-regulating losses; "
+                         "use --backbone promptsrc")
     stage1 = "none" if args.method == "dpc" else args.method  # DPC's stage 1 is the backbone alone
     presets = PRESETS_ALL if args.subsample == "all" else PRESETS
     preset = dict(DEFAULTS, **presets.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}))
@@ -191,25 +220,24 @@ def parse_args(argv=None):
     elif (args.backbone, stage1) == ("coop", "none") and args.dataset == "imagenet":
         preset["epochs"] = 50  # vit_b16_ep50_ctxv1
     # what this run changes from the paper setting: explicit flags that differ from the preset or the default
-    args.variant = setting_changes(args, preset, ap)
+    args.variant = setting_changes(args, preset, PARSER)
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.new_shots = args.new_shots or args.shots
     if args.subsample == "all" and args.method == "mao":
         if args.stage == "new":
-            ap.error("--subsample all trains every class with labels: there is no new step (MAO Supp. B)")
+            raise ValueError("--subsample all trains every class with labels: there is no new step (MAO Supp. B)")
         args.stage = "base"
     if args.clip is None:
         args.clip = DEMO_CLIP if args.dataset == "demo" else "ViT-B/16"
         if args.dataset == "demo" and not os.path.isfile(DEMO_CLIP):
-            ap.error(f"the demo CLIP {DEMO_CLIP} is missing: restore it from git or run python pretrain_clip.py")
-    if args.method == "dpc" and not (0 <= args.omega_b <= 1 and 0 <= args.omega_n <= 1):
-        ap.error(f"--omega_b {args.omega_b} / --omega_n {args.omega_n}: DPC's weights lie in [0, 1]")
+            raise FileNotFoundError(f"the demo CLIP {DEMO_CLIP} is missing: restore it from git "
+                                    f"(git checkout weights/) or rebuild it with python pretrain_clip.py")
     if args.method == "dpc" and args.dpc_param == "mixed" and args.omega_b == 0:
-        ap.error("--dpc_param mixed trains through (M - (1 - omega_b) P) / omega_b: it needs --omega_b > 0")
+        raise ValueError("--dpc_param mixed trains through (M - (1 - omega_b) P) / omega_b: it needs --omega_b > 0")
     if args.method == "mao" and args.epochs < 2 and args.stage == "both" and args.subsample == "base":
-        ap.error(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
+        raise ValueError(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision == "auto":
@@ -227,6 +255,13 @@ def lr_at(epoch, epochs, args, lr=None):
     if epoch < args.warmup_epochs:
         return args.warmup_lr
     return 0.5 * (lr or args.lr) * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / epochs))
+
+
+def gpa_weights(epochs, mean, std):
+    """PromptSRC's Gaussian prompt aggregation (PromptSRC §3.3): w_e proportional to N(e; mean, std^2) for epochs
+    e = 1..E, summing to 1; the prompts end as sum_e w_e * (prompts after epoch e)."""
+    w = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [x / sum(w) for x in w]
 
 
 def memory_gb(device):
@@ -262,7 +297,10 @@ def prompt_checkpoint(learner, args, subsample, epoch, stage):
 
 
 def learner_kwargs(args):
-    return dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, n_vis=args.n_vis, depth=args.depth)
+    kw = dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, n_vis=args.n_vis, depth=args.depth)
+    if args.backbone == "promptsrc":
+        kw.update(text_weight=args.text_weight, image_weight=args.image_weight)
+    return kw
 
 
 def seed_everything(seed):
@@ -337,12 +375,10 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, device, log, lr=N
 
 
 # -----------------------------------------------------------------------------
-# main: data -> CLIP -> learner -> base step -> new step -> evaluation
+# main: data -> frozen CLIP -> prompt learner -> {backbone alone | MAO base + new step | DPC stage 1 + 2} -> evaluation
 
 TOY_NOTE = ("PIPELINE RUN WITH A TOY MODEL: a randomly initialised tiny CLIP on synthetic images. It shows that data, "
             "training, checkpoints and evaluation run end to end; its accuracies are not results.")
-
-
 DEMO_NOTE = ("Toy world (README 'The embedded demo'): a small CLIP pretrained here on synthetic captioned shapes, "
              "36 colour-shape classes. Its numbers describe this synthetic task, not the paper's benchmarks.")
 
@@ -350,60 +386,84 @@ DEMO_NOTE = ("Toy world (README 'The embedded demo'): a small CLIP pretrained he
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
-    device = torch.device(args.device)
+    run = SimpleNamespace(args=args, device=torch.device(args.device))
+    load_data(run)  # everything that can fail on bad input happens before the output folder is created
+    learner = build_model(run)
+    start_output(run, learner)
+    t_train = time.time()
+    if args.backbone == "zsclip":
+        states = {"base": learner.learned_state()}  # nothing to train: the hand-crafted template
+    elif args.method == "none":
+        states = {"base": train_backbone(run, learner)}
+    elif args.method == "mao":
+        states = run_mao(run, learner)
+    else:
+        learner, states = run_dpc(run, learner)
+    return evaluate_run(run, learner, states, time.time() - t_train)
 
-    # -- data (everything that can fail on bad input happens before the output folder is created) --
+
+def load_data(run):
+    """The few-shot base classes (labelled) and the new classes (training images unlabeled, test labelled)."""
+    args = run.args
     if args.dataset == "demo" and not os.path.isdir(os.path.join(args.root, "demo")):
         print(f"writing the synthetic demo dataset to {make_demo(args.root)}")
-    splits, image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
+    splits, run.image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
     if args.subsample == "all":  # cross-dataset / DG source: every class is seen ("base" below), none is new
-        base, base_names = subsample_classes(splits, "all")
-        new, new_names = {"train": [], "test": []}, []
+        run.base, run.base_names = subsample_classes(splits, "all")
+        run.new, run.new_names = {"train": [], "test": []}, []
     else:
-        base, base_names = subsample_classes(splits, "base")
-        new, new_names = subsample_classes(splits, "new")
+        run.base, run.base_names = subsample_classes(splits, "base")
+        run.new, run.new_names = subsample_classes(splits, "new")
         if args.new_shots != args.shots:
             new_train = subsample_classes(fewshot_splits(args.dataset, args.root, args.new_shots, args.seed)[0],
                                           "new")[0]
-            new["train"] = new_train["train"]
-        if not new_names or not new["test"]:
+            run.new["train"] = new_train["train"]
+        if not run.new_names or not run.new["test"]:
             raise ValueError(f"{args.dataset} has no new classes / new test images to evaluate (needs >= 2 classes)")
-    if not base["train"]:
+    if not run.base["train"]:
         raise ValueError(f"{args.dataset} has no training images (a test-only dataset is an evaluation target: "
                          f"python eval.py --ckpt RUN --datasets {args.dataset})")
-    if args.method == "mao" and args.stage in ("both", "new") and not new["train"]:
+    if args.method == "mao" and args.stage in ("both", "new") and not run.new["train"]:
         raise ValueError("the new step needs unlabeled new-class training images; the new split is empty")
 
-    model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
-    train_tf, test_tf = build_transforms(model.visual.input_resolution)
-    layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
+
+def build_model(run):
+    """Frozen CLIP, its transforms, and the prompt learner over the base classes (from --init_from if given).
+    Also refuses hard-negative settings the base classes cannot hold and builds MAO's Eq. (4) table once."""
+    args, device = run.args, run.device
+    run.model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
+    run.train_tf, run.test_tf = build_transforms(run.model.visual.input_resolution)
+    layers = min(len(run.model.transformer.resblocks), len(run.model.visual.transformer.resblocks))
     if args.backbone in ("maple", "ivlp", "promptsrc") and args.depth > layers:
         print(f"--depth {args.depth} exceeds the {layers} layers of this CLIP: prompting all {layers}")
         args.depth = layers
-    template = DATASETS[args.dataset]["template"] if args.backbone == "zsclip" else "a photo of a {}."
-    kwargs = learner_kwargs(args)
-    learner = build_learner(args.backbone, model, base_names, template=template, **kwargs)
+    run.template = DATASETS[args.dataset]["template"] if args.backbone == "zsclip" else "a photo of a {}."
+    learner = new_learner(run, run.base_names)
     if args.init_from:
-        if not os.path.isfile(args.init_from):
-            raise FileNotFoundError(f"--init_from {args.init_from} not found")
-        learner.load_learned(torch.load(args.init_from, map_location=device, weights_only=False)["learned"])
-    mao_base = args.method == "mao" and args.stage in ("both", "base")
-    mao_new = args.method == "mao" and args.stage in ("both", "new")
-    if mao_base or args.method == "dpc":  # both build hard-negative batches
-        check_settings(len(base_names), args.anchors, args.topk)
-    if mao_base:
-        neighbours = class_neighbours(base_names, args.topk)  # Eq. 4, once for the whole run
+        learner.load_learned(load_checkpoint(args.init_from, device)["learned"])
+    if args.method in ("mao", "dpc") and (args.method == "dpc" or args.stage in ("both", "base")):
+        check_settings(len(run.base_names), args.anchors, args.topk)  # both build hard-negative batches
+    if args.method == "mao" and args.stage in ("both", "base"):
+        run.neighbours = class_neighbours(run.base_names, args.topk)  # Eq. 4, once for the whole run
     if args.method == "mao" and args.stage == "new" and not args.init_from:
         args.init_from = os.path.join(args.out, "base_prompt.pt")
         if not os.path.isfile(args.init_from):
             raise FileNotFoundError(f"--stage new needs the base-step prompt: give --init_from or run --stage base "
                                     f"first into {args.out}")
-        learner.load_learned(torch.load(args.init_from, map_location=device, weights_only=False)["learned"])
+        learner.load_learned(load_checkpoint(args.init_from, device)["learned"])
+    return learner
 
+
+def new_learner(run, names):
+    return build_learner(run.args.backbone, run.model, names, template=run.template, **learner_kwargs(run.args))
+
+
+def start_output(run, learner):
+    """The output folder, log.txt and args.json: written only once every check has passed."""
+    args = run.args
     os.makedirs(args.out, exist_ok=True)
-    log = Log(os.path.join(args.out, "log.txt"))
-    toy = args.clip == "tiny"
-    if toy:
+    run.log = log = Log(os.path.join(args.out, "log.txt"))
+    if args.clip == "tiny":
         log("=" * 100 + "\n" + TOY_NOTE + "\n" + "=" * 100)
     elif args.dataset == "demo" and args.clip == DEMO_CLIP:
         log(DEMO_NOTE)
@@ -411,168 +471,198 @@ def main(argv=None):
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
     nparams = sum(p.numel() for p in learner.parameters() if p.requires_grad)
-    t_train = time.time()
-    log(f"{args.backbone} on {args.dataset}: {len(base_names)} {'base' if args.subsample == 'base' else 'training'} / "
-        f"{len(new_names)} new classes, "
-        f"{len(base['train'])} labelled training images, {nparams:,} learnable parameters, {device} {args.precision}")
+    log(f"{args.backbone} on {args.dataset}: {len(run.base_names)} "
+        f"{'base' if args.subsample == 'base' else 'training'} / {len(run.new_names)} new classes, "
+        f"{len(run.base['train'])} labelled training images, {nparams:,} learnable parameters, "
+        f"{run.device} {args.precision}")
 
-    def backbone_losses(out):  # the backbone's own regularisers (PromptSRC's SCL), identical with or without MAO
-        return self_regulating_losses(out.reg, args.text_weight, args.image_weight) if out.reg is not None else {}
 
-    def make_loader(items, batch_size=None, batch_sampler=None, transform=train_tf):
-        ds = ImageList(image_dir, items, transform)
-        kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)  # fresh workers re-seeded every epoch
-        if batch_sampler is not None:
-            return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, **kw)
-        return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=len(ds) >= batch_size,
-                                           generator=torch.Generator().manual_seed(args.seed), **kw)
+def make_loader(run, items, batch_size=None, batch_sampler=None, transform=None):
+    """Training images decoded and augmented in DataLoader workers: shuffled batches, or a batch sampler's."""
+    args = run.args
+    ds = ImageList(run.image_dir, items, transform or run.train_tf)
+    kw = dict(num_workers=args.workers, pin_memory=run.device.type == "cuda", persistent_workers=False)  # fresh workers re-seeded every epoch
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, **kw)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=len(ds) >= batch_size,
+                                       generator=torch.Generator().manual_seed(args.seed), **kw)
 
-    # -- base classes: the plain backbone (Eq. (2)-(3)) or MAO's base step (Eq. (4)-(6)) --
-    if args.backbone == "zsclip":
-        pass
-    elif args.method == "dpc" and args.init_from:
-        log(f"DPC stage 1: prompt P from {args.init_from}")
-    elif args.method in ("none", "dpc"):  # the backbone alone; for DPC this is stage 1, giving P
-        def plain_loss(batch):
-            images, labels, _ = batch
-            out = learner(images.to(device))  # logits over all base classes
-            ce = cross_entropy(out.logits, labels.to(device))  # Eq. 2
-            extra = backbone_losses(out)
-            return ce + sum(extra.values()), {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}}
-        train_stage("base", learner, make_loader(base["train"], args.batch_size), plain_loss, args.epochs, args,
-                    device, log)
-        save_atomic(prompt_checkpoint(learner, args, args.subsample, args.epochs, "base"),
-                    os.path.join(args.out, "prompt.pt"))
-    elif mao_base:
-        sampler = HardNegativeBatchSampler([y for _, y, _ in base["train"]], neighbours, args.anchors,
-                                           seed=args.seed, distinct_anchors=bool(args.ar_dedup))
 
-        def base_step_loss(batch):
-            images, labels, _ = batch
-            labels = labels.to(device)
-            candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. 5
-            out = learner(images.to(device), candidates)  # text encoder runs for the candidates only
-            ce = dynamic_candidate_loss(out.logits, targets)  # Eq. 6
-            extra = backbone_losses(out)  # the backbone's own other losses are kept unchanged
-            parts = {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}, "cand": len(candidates)}
-            return ce + sum(extra.values()), parts
-        base_epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # XD: base step only (A1)
-        train_stage("base", learner, make_loader(base["train"], batch_sampler=sampler), base_step_loss,
-                    base_epochs, args, device, log)
-        save_atomic(prompt_checkpoint(learner, args, args.subsample, base_epochs, "base"),
-                    os.path.join(args.out, "base_prompt.pt"))
-    base_state = learner.learned_state()
+def save_prompt(run, learner, name, subsample, epochs, stage):
+    save_atomic(prompt_checkpoint(learner, run.args, subsample, epochs, stage), os.path.join(run.args.out, name))
 
-    # -- DPC stage 2: the parallel prompt P' on hard negatives ranked by frozen P, symmetric contrastive loss --
-    if args.method == "dpc":
-        dual = DualPrompt(learner, args.omega_b, args.dpc_param)  # P' = P at the start; P frozen inside
-        rank_views = torch.utils.data.DataLoader(ImageList(image_dir, base["train"], train_tf),
-                                                 batch_size=args.test_batch_size, num_workers=args.workers)
-        ranking = ImageTextRanking(dual.learner, rank_views, args.topk, device)  # the inner learner still holds P
-        sampler = HardNegativeBatchSampler([y for _, y, _ in base["train"]], ranking, args.anchors, seed=args.seed)
 
-        def dpc_loss(batch):
-            images, labels, _ = batch
-            out = dual(images.to(device), labels.to(device))  # one text row per image, batch order: (B', B')
-            cl = symmetric_contrastive_loss(out.logits)  # DPC L_CL
-            extra = backbone_losses(out) if args.dpc_backbone_losses else {}
-            return cl + sum(extra.values()), {"l_cl": cl.item(), **{k: v.item() for k, v in extra.items()}}
-        train_stage("dpc", dual, make_loader(base["train"], batch_sampler=sampler), dpc_loss, args.dpc_epochs, args,
-                    device, log, lr=args.dpc_lr, aggregate=False)
-        parallel = dual.mix(1.0)  # P'
-        base_state = parallel if args.dpc_base_infer == "parallel" else dual.mix(args.omega_b)  # weighting-decoupling
-        dpc_new_state = dual.mix(args.omega_n)
-        learner = build_learner(args.backbone, model, base_names, template=template, **kwargs)  # for evaluation
-        for name, state in (("parallel_prompt.pt", parallel), ("base_prompt.pt", base_state),
-                            ("new_prompt.pt", dpc_new_state)):
-            learner.load_learned(state)
-            # new_prompt.pt scores classes not trained on: the new half, or a cross-dataset target's classes
-            save_atomic(prompt_checkpoint(learner, args, "new" if name == "new_prompt.pt" else args.subsample,
-                                          args.dpc_epochs, "dpc"), os.path.join(args.out, name))
+# -----------------------------------------------------------------------------
+# The backbone alone (Table 1's baselines; DPC's stage 1): CE over all base classes, Eq. (2)-(3)
 
-    # -- new classes: MAO's new step on unlabeled images with Top-1 pseudo-labels (Eq. (7)-(8)) --
-    if mao_new:
-        learner.set_classnames(new_names)  # same learned tensors, new [CLASS] tokens
-        if args.pseudo_labeler == "clip":
-            teacher = ZeroShotCLIP(model, new_names, "a photo of a {}.")  # foundation CLIP (paper, Table 5)
-        else:
-            teacher = build_learner(args.backbone, model, new_names, **kwargs)
-            teacher.load_learned(base_state)  # the frozen base-step prompt (official code)
-            teacher.requires_grad_(False)
-        labeler = PseudoLabeler(teacher)
-        unlabeled = hide_labels(new["train"])  # the training loop never sees new-class labels
-        hidden = torch.tensor([y for _, y, _ in new["train"]])  # kept aside for the agreement diagnostic only
-        fixed = None
-        if args.pseudo_label_every == "epoch":
-            # the teacher is frozen and the views un-augmented, so every epoch would get these same labels
-            fixed = labeler.label_dataset(test_loader(image_dir, unlabeled, test_tf, args.test_batch_size,
-                                                      args.workers), device).to(device)
+def train_backbone(run, learner):
+    args, device = run.args, run.device
 
-        def new_step_loss(batch):
-            images, _, idx = batch  # the label slot holds -1: the images are unlabeled
-            images = images.to(device)
-            out = learner(images)  # logits over all new classes C_n
-            with torch.no_grad():
-                pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. 7
-            ce = pseudo_label_loss(out.logits, pseudo)  # Eq. 8
-            extra = backbone_losses(out)
-            # diagnostic only, never part of the loss: how often the pseudo-label equals the hidden true label
-            agree = (pseudo.cpu() == hidden[idx]).float().mean().item()
-            parts = {"ce": ce.item(), **{k: v.item() for k, v in extra.items()}, "pl_acc": agree}
-            return ce + sum(extra.values()), parts
+    def plain_loss(batch):
+        images, labels, _ = batch
+        out = learner(images.to(device))  # logits over all base classes
+        ce = cross_entropy(out.logits, labels.to(device))  # Eq. 2
+        return ce + sum(out.losses.values()), {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}}
+    train_stage("base", learner, make_loader(run, run.base["train"], args.batch_size), plain_loss, args.epochs, args,
+                device, run.log)
+    save_prompt(run, learner, "prompt.pt", args.subsample, args.epochs, "base")
+    return learner.learned_state()
 
-        new_epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
-        train_stage("new", learner, make_loader(unlabeled, args.new_batch_size), new_step_loss, new_epochs, args,
-                    device, log)
-        save_atomic(prompt_checkpoint(learner, args, "new", new_epochs, "new"), os.path.join(args.out, "new_prompt.pt"))
-    new_state = dpc_new_state if args.method == "dpc" else learner.learned_state()
 
-    # -- evaluation: base test with the base prompt, new test with the new prompt (MAO) or the same prompt --
-    def evaluate(names, state, items, desc):
+# -----------------------------------------------------------------------------
+# MAO: the base step (Eq. (4)-(6)) on the first half of the budget, then the new step (Eq. (7)-(8)) on the second
+
+def run_mao(run, learner):
+    """{'base': the base-step prompt (scores base classes), 'new': the new-step prompt (scores new classes)}."""
+    stage = run.args.stage
+    base = mao_base_step(run, learner) if stage in ("both", "base") else learner.learned_state()
+    new = mao_new_step(run, learner, base) if stage in ("both", "new") else None
+    return {"base": base, "new": new}
+
+
+def mao_base_step(run, learner):
+    """Hard-negative batches (Eq. (4)) and CE over the candidates in each batch only (Eq. (5)-(6)); the backbone's
+    own other losses are kept unchanged."""
+    args, device = run.args, run.device
+    sampler = HardNegativeBatchSampler([y for _, y, _ in run.base["train"]], run.neighbours, args.anchors,
+                                       seed=args.seed, distinct_anchors=bool(args.ar_dedup))
+
+    def base_step_loss(batch):
+        images, labels, _ = batch
+        labels = labels.to(device)
+        candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. 5
+        out = learner(images.to(device), candidates)  # text encoder runs for the candidates only
+        ce = dynamic_candidate_loss(out.logits, targets)  # Eq. 6
+        parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "cand": len(candidates)}
+        return ce + sum(out.losses.values()), parts
+    epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # cross-dataset: base step only (A1)
+    train_stage("base", learner, make_loader(run, run.base["train"], batch_sampler=sampler), base_step_loss, epochs,
+                args, device, run.log)
+    save_prompt(run, learner, "base_prompt.pt", args.subsample, epochs, "base")
+    return learner.learned_state()
+
+
+def mao_new_step(run, learner, base_state):
+    """The base-step prompt re-targeted to the new class names, trained on unlabeled new-class images with Top-1
+    pseudo-labels of a frozen teacher (Eq. (7)) and CE over all new classes (Eq. (8))."""
+    args, device = run.args, run.device
+    learner.set_classnames(run.new_names)  # same learned tensors, new [CLASS] tokens
+    if args.pseudo_labeler == "clip":
+        teacher = ZeroShotCLIP(run.model, run.new_names, "a photo of a {}.")  # foundation CLIP (paper, Table 5)
+    else:
+        teacher = new_learner(run, run.new_names)
+        teacher.load_learned(base_state)  # the frozen base-step prompt (official code)
+        teacher.requires_grad_(False)
+    labeler = PseudoLabeler(teacher)
+    unlabeled = hide_labels(run.new["train"])  # the training loop never sees new-class labels
+    hidden = torch.tensor([y for _, y, _ in run.new["train"]])  # kept aside for the agreement diagnostic only
+    fixed = None
+    if args.pseudo_label_every == "epoch":
+        # the teacher is frozen and the views un-augmented, so every epoch would get these same labels
+        fixed = labeler.label_dataset(test_loader(run.image_dir, unlabeled, run.test_tf, args.test_batch_size,
+                                                  args.workers), device).to(device)
+
+    def new_step_loss(batch):
+        images, _, idx = batch  # the label slot holds -1: the images are unlabeled
+        images = images.to(device)
+        out = learner(images)  # logits over all new classes C_n
+        with torch.no_grad():
+            pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. 7
+        ce = pseudo_label_loss(out.logits, pseudo)  # Eq. 8
+        # diagnostic only, never part of the loss: how often the pseudo-label equals the hidden true label
+        agree = (pseudo.cpu() == hidden[idx]).float().mean().item()
+        parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": agree}
+        return ce + sum(out.losses.values()), parts
+    epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
+    train_stage("new", learner, make_loader(run, unlabeled, args.new_batch_size), new_step_loss, epochs, args, device,
+                run.log)
+    save_prompt(run, learner, "new_prompt.pt", "new", epochs, "new")
+    return learner.learned_state()
+
+
+# -----------------------------------------------------------------------------
+# DPC: stage 1 (the backbone alone, prompt P), then stage 2 (the parallel prompt P', dpc.py)
+
+def run_dpc(run, learner):
+    """Returns a fresh learner for evaluation and {'base', 'new'}: the weighting-decoupled prompts, and 'stage1': P."""
+    args, device = run.args, run.device
+    if args.init_from:
+        run.log(f"DPC stage 1: prompt P from {args.init_from}")
+    else:
+        train_backbone(run, learner)
+    dual = DualPrompt(learner, args.omega_b, args.dpc_param)  # P' = P at the start; P frozen inside
+    views = torch.utils.data.DataLoader(ImageList(run.image_dir, run.base["train"], run.train_tf),
+                                        batch_size=args.test_batch_size, num_workers=args.workers)
+    ranking = ImageTextRanking(dual.learner, views, args.topk, device)  # the inner learner still holds P
+    sampler = HardNegativeBatchSampler([y for _, y, _ in run.base["train"]], ranking, args.anchors, seed=args.seed)
+
+    def dpc_loss(batch):
+        images, labels, _ = batch
+        return stage2_loss(dual, images.to(device), labels.to(device), bool(args.dpc_backbone_losses))
+    train_stage("dpc", dual, make_loader(run, run.base["train"], batch_sampler=sampler), dpc_loss, args.dpc_epochs,
+                args, device, run.log, lr=args.dpc_lr, aggregate=False)
+    prompts = decoupled_prompts(dual, args.omega_b, args.omega_n, args.dpc_base_infer)
+    learner = new_learner(run, run.base_names)  # the wrapped one is frozen; evaluation loads states into this one
+    for name, key in (("parallel_prompt.pt", "parallel"), ("base_prompt.pt", "base"), ("new_prompt.pt", "new")):
+        learner.load_learned(prompts[key])
+        # new_prompt.pt scores classes not trained on: the new half, or a cross-dataset target's classes
+        save_prompt(run, learner, name, "new" if key == "new" else args.subsample, args.dpc_epochs, "dpc")
+    return learner, {"base": prompts["base"], "new": prompts["new"], "stage1": dual.frozen_prompt()}
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: base test with the prompt for base classes, new test with the prompt for new classes, HM
+
+def evaluate_run(run, learner, states, train_seconds):
+    args = run.args
+
+    def acc(names, state, items, desc):
         learner.set_classnames(names)
         learner.load_learned(state)
-        return accuracy(learner, test_loader(image_dir, items, test_tf, args.test_batch_size, args.workers), device, desc)
+        return accuracy(learner, test_loader(run.image_dir, items, run.test_tf, args.test_batch_size, args.workers),
+                        run.device, desc)
 
+    base_names, new_names, base_test, new_test = run.base_names, run.new_names, run.base["test"], run.new["test"]
     res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
            "shots": args.shots, "protocol": "b2n" if args.subsample == "base" else "all",
-           "stage": args.stage if args.method == "mao" else None, "variant": args.variant, "toy_model": toy,
-           "train_seconds": time.time() - t_train}
+           "stage": args.stage if args.method == "mao" else None, "variant": args.variant,
+           "toy_model": args.clip == "tiny", "train_seconds": train_seconds}
     if args.subsample == "all":  # the source accuracy of Table 2; targets: eval.py --ckpt OUT --datasets xd,dg
-        res["all"] = evaluate(base_names, base_state, base["test"], "test all")
-        if args.method == "dpc":
-            res["all_stage1"] = evaluate(base_names, dual.frozen_prompt(), base["test"], "test all (P)")
-        return finish(res, args, f"all classes {res['all']:.2f}", toy, log)
-    res["base"] = evaluate(base_names, base_state, base["test"], "test base")
-    if args.method != "dpc":
-        res["new_base_prompt"] = evaluate(new_names, base_state, new["test"], "test new (base prompt)")
-    if mao_new:
-        res["new"] = evaluate(new_names, new_state, new["test"], "test new")
-    elif args.method == "mao":  # base step only: the paper's "base step only" row (Table 8 (c))
-        res["new"] = res["new_base_prompt"]
-    elif args.method == "dpc":
-        res["new"] = evaluate(new_names, new_state, new["test"], "test new (omega_n mix)")
-        P = dual.frozen_prompt()  # the stage-1 backbone alone, for the record
-        res["base_stage1"] = evaluate(base_names, P, base["test"], "test base (P)")
-        res["new_stage1"] = res["new"] if args.omega_n == 0 else evaluate(new_names, P, new["test"], "test new (P)")
+        res["all"] = acc(base_names, states["base"], base_test, "test all")
+        if "stage1" in states:
+            res["all_stage1"] = acc(base_names, states["stage1"], base_test, "test all (P)")
+        return finish(run, res, f"all classes {res['all']:.2f}")
+    res["base"] = acc(base_names, states["base"], base_test, "test base")
+    if args.method == "dpc":
+        res["new"] = acc(new_names, states["new"], new_test, "test new (omega_n mix)")
+        res["base_stage1"] = acc(base_names, states["stage1"], base_test, "test base (P)")  # the backbone alone
+        res["new_stage1"] = res["new"] if args.omega_n == 0 else acc(new_names, states["stage1"], new_test, "test new (P)")
     else:
-        res["new"] = res.pop("new_base_prompt")
+        res["new_base_prompt"] = acc(new_names, states["base"], new_test, "test new (base prompt)")
+        if states.get("new") is not None:  # MAO's new step
+            res["new"] = acc(new_names, states["new"], new_test, "test new")
+        elif args.method == "mao":  # base step only: the paper's "base step only" row (Table 8 (c))
+            res["new"] = res["new_base_prompt"]
+        else:
+            res["new"] = res.pop("new_base_prompt")
     res["hm"] = harmonic_mean(res["base"], res["new"])
     line = f"base {res['base']:.2f} | new {res['new']:.2f} | HM {res['hm']:.2f}"
     if "new_base_prompt" in res:
         line += f" | new with base prompt {res['new_base_prompt']:.2f}"
     if "base_stage1" in res:
         line += f" | stage 1 (P): base {res['base_stage1']:.2f} new {res['new_stage1']:.2f}"
-    return finish(res, args, line, toy, log)
+    return finish(run, res, line)
 
 
-def finish(res, args, line, toy, log):
+def finish(run, res, line):
     """Write results.json atomically (its presence marks the run finished for sweep.py) and print the line."""
+    args = run.args
     res["args"] = vars(args)
     with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
         json.dump(res, f, indent=1)
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
-    log(line + (" (toy model: not a result)" if toy else ""))
-    log(f"wrote {os.path.join(args.out, 'results.json')}")
+    run.log(line + (" (toy model: not a result)" if args.clip == "tiny" else ""))
+    run.log(f"wrote {os.path.join(args.out, 'results.json')}")
     return res
 
 
@@ -580,4 +670,4 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_line(e)}")

@@ -6,10 +6,11 @@ import shutil
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
-from data import (DATASETS, ImageList, build_transforms, class_index, fewshot_splits, read_splits,
-                  subsample_classes)
+from data import (DATASETS, ImageList, ImageReadError, build_transforms, class_index, error_line, fewshot_splits,
+                  read_splits, subsample_classes)
 
 # dataset -> (split file, #classes, base, new, train, val, test, base test, new test, first class names)
 REAL = {
@@ -170,8 +171,15 @@ def test_corrupt_image_names_its_path(tmp_path):
     os.makedirs(bad.parent)
     bad.write_bytes(b"not a jpeg")
     ds = ImageList(str(tmp_path / "images"), [("x.jpg", 0, "x")], build_transforms(32)[1])
-    with pytest.raises(RuntimeError, match="cannot read image .*x.jpg"):
+    with pytest.raises(ImageReadError, match="cannot read image .*x.jpg"):
         ds[0]
+    # from a DataLoader worker the error arrives wrapped in the worker's traceback; error_line recovers its one line
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
+    with pytest.raises(ImageReadError) as e:
+        next(iter(loader))
+    assert "Traceback" in str(e.value)
+    line = error_line(e.value)
+    assert "\n" not in line and line.startswith("cannot read image") and line.endswith("from the split file.")
 
 
 def test_more_shots_than_a_class_has(tmp_path, splits_dir):

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_prompt import CoOp, DualPrompt, build_learner
+from clip_prompt import CoOp, build_learner
 from conftest import run_train
-from losses import symmetric_contrastive_loss
-from sampler import HardNegativeBatchSampler, ImageTextRanking, class_neighbours, image_text_neighbours
+from dpc import DualPrompt, ImageTextRanking, image_text_neighbours, symmetric_contrastive_loss
+from sampler import HardNegativeBatchSampler, class_neighbours
 
 NAMES = ["red circle", "red square", "blue triangle", "green star"]
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import eval as evaluation
+import report
 from data import BASE_TO_NEW, XD_TARGETS
 
 
@@ -28,15 +29,15 @@ def test_harmonic_mean():
 
 def test_transcribed_paper_numbers_reproduce_the_reported_averages():
     # every per-dataset row typed in from the papers must give the averages the papers report (a typo would not)
-    for key, rows in evaluation.PAPER_B2N.items():
+    for key, rows in report.PAPER_B2N.items():
         assert list(rows) == BASE_TO_NEW
         b, n = statistics.mean(r[0] for r in rows.values()), statistics.mean(r[1] for r in rows.values())
-        assert (round(b, 2), round(n, 2), round(evaluation.harmonic_mean(b, n), 2)) == evaluation.PAPER_B2N_AVG[key]
+        assert (round(b, 2), round(n, 2), round(evaluation.harmonic_mean(b, n), 2)) == report.PAPER_B2N_AVG[key]
         for r in rows.values():  # each row's H is the HM of its own base and new, to rounding
             assert evaluation.harmonic_mean(r[0], r[1]) == pytest.approx(r[2], abs=0.011)
     avg = {("coop", "none"): 64.98, ("coop", "mao"): 65.54, ("maple", "none"): 64.79, ("maple", "mao"): 64.95,
            ("promptsrc", "none"): 65.64, ("promptsrc", "mao"): 65.68}  # MAO Table 2, "Avg." column
-    for key, row in evaluation.PAPER_XD.items():
+    for key, row in report.PAPER_XD.items():
         assert round(statistics.mean(row[t] for t in XD_TARGETS), 2) == avg[key]
 
 
@@ -47,7 +48,7 @@ def test_table1_means_std_hm_paper_and_missing_seeds(tmp_path):
     write(root, "dtd", "mao", 3, 84.0, 62.0)
     write(root, "eurosat", "mao", 1, 90.0, 70.0)
     write(root, "eurosat", "mao", 2, 92.0, 72.0)  # seed 3 missing
-    out = evaluation.summarize(root)
+    out = report.summarize(root)
     rows, table = out["b2n"], out["markdown"]
     dtd = next(r for r in rows if r["dataset"] == "dtd")
     assert dtd["base"] == pytest.approx(82.0) and dtd["new"] == pytest.approx(62.0)
@@ -70,9 +71,9 @@ def test_table1_means_std_hm_paper_and_missing_seeds(tmp_path):
 
 
 def test_all_eleven_datasets_compare_with_the_reported_average(tmp_path):
-    for ds, (b, n, _) in evaluation.PAPER_B2N[("coop", "none")].items():
+    for ds, (b, n, _) in report.PAPER_B2N[("coop", "none")].items():
         write(str(tmp_path), ds, "none", 1, b, n)
-    avg = next(r for r in evaluation.summarize(str(tmp_path))["b2n"] if r["dataset"] == "average")
+    avg = next(r for r in report.summarize(str(tmp_path))["b2n"] if r["dataset"] == "average")
     assert avg["paper"] == (81.98, 68.84, 74.84) and avg["paper_note"] == "reported"
     assert avg["hm"] == pytest.approx(74.84, abs=0.005) and not avg["missing_datasets"]
 
@@ -82,7 +83,7 @@ def test_variants_are_kept_apart_and_duplicate_seeds_reported(tmp_path):
     write(root, "dtd", "mao", 1, 80.0, 60.0)
     write(root, "dtd", "mao", 1, 70.0, 50.0, variant={"topk": 4}, folder="coop-mao-k4")
     write(root, "dtd", "mao", 1, 10.0, 10.0, folder="coop-mao2")  # the same setting and seed twice
-    out = evaluation.summarize(root, seeds=[1, 2])
+    out = report.summarize(root, seeds=[1, 2])
     rows = [r for r in out["b2n"] if r["dataset"] == "dtd"]
     assert [(r["variant"], r["base"]) for r in rows] == [("", 80.0), ("topk=4", 70.0)]
     assert rows[0]["paper"] is not None and rows[1]["paper"] is None  # the paper ran K = 8 only
@@ -105,7 +106,7 @@ def test_table2_cross_dataset_and_dg(tmp_path):
     root = str(tmp_path)
     write_xd(root, "coop", "mao", 1, 70.0, {"caltech101": 90.0, "dtd": 40.0, "imagenet_r": 70.0})
     write_xd(root, "coop", "mao", 2, 72.0, {"caltech101": 94.0, "dtd": 44.0})
-    out = evaluation.summarize(root)
+    out = report.summarize(root)
     assert out["b2n"] == []
     (r,) = out["xd"]
     assert r["acc"]["imagenet"] == pytest.approx((71.0, statistics.stdev([70.0, 72.0])))
@@ -121,7 +122,7 @@ def test_table2_cross_dataset_and_dg(tmp_path):
 
 def test_summary_of_nothing_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
-        evaluation.summarize(str(tmp_path))
+        report.summarize(str(tmp_path))
 
 
 def test_plots_are_valid_pngs(tmp_path):
@@ -133,14 +134,14 @@ def test_plots_are_valid_pngs(tmp_path):
             write(root, ds, "mao", 1, 70.0 + k, 60.0, variant={"topk": k}, folder=f"coop-mao-k{k}",
                   train_seconds=30.0 * k)
     write(root, "dtd", "mao", 1, 50.0, 50.0, variant={"topk": 4, "lr": 0.1}, folder="coop-mao-other")
-    paths = evaluation.plot(root)
+    paths = report.plot(root)
     assert [os.path.basename(p) for p in paths] == ["fig3_hm.png", "fig4_topk.png"]  # no --new_shots sweep was run
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         with Image.open(p) as im:
             im.verify()
-    pts = evaluation.sweep_points(evaluation.b2n_rows(evaluation.load_runs(root)), "topk")[("coop", "mao")]
+    pts = report.sweep_points(report.b2n_rows(report.load_runs(root)), "topk")[("coop", "mao")]
     assert list(pts) == [2, 4, 8]  # the run changing lr as well is not a point of the K curve
     assert [statistics.mean(r["base"] for r in pts[k]) for k in pts] == [72.0, 74.0, 81.0]
 
@@ -148,7 +149,7 @@ def test_plots_are_valid_pngs(tmp_path):
 def test_published_recipe_baselines_compare_with_the_backbone_papers(tmp_path):
     for ds in BASE_TO_NEW:
         write(str(tmp_path), ds, "none", 1, 80.0, 70.0, variant={"baseline_recipe": "published"}, folder="pub")
-    rows = evaluation.summarize(str(tmp_path))["b2n"]
+    rows = report.summarize(str(tmp_path))["b2n"]
     assert all(r["paper"] is None for r in rows if r["dataset"] != "average")  # only averages were published
     avg = next(r for r in rows if r["dataset"] == "average")
     assert avg["paper"] == (82.69, 63.22, 71.66) and avg["variant"] == "baseline_recipe=published"

@@ -132,10 +132,9 @@ def test_bad_settings_fail_before_writing(tmp_path, demo_root, tiny_clip_path, e
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_unknown_backbone_and_dataset(tmp_path, demo_root, tiny_clip_path, capsys):
-    with pytest.raises(SystemExit):
-        run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", "cocoop")
-    assert "unknown backbone 'cocoop'" in capsys.readouterr().err
+def test_unknown_backbone_and_dataset(tmp_path, demo_root, tiny_clip_path):
+    with pytest.raises(ValueError, match="unknown backbone 'prograd'. Choose one of: zsclip, coop"):
+        run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", "prograd")
     with pytest.raises(ValueError, match="unknown dataset"):
         run_train(tmp_path, demo_root, tiny_clip_path, "--dataset", "mnist")
 

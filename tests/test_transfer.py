@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import eval as evaluation
+import report
 import sweep
 from clip_prompt import build_learner, load_clip
 from conftest import run_train
@@ -79,7 +80,7 @@ def test_all_class_run_then_transfer_to_targets_with_their_own_class_names(tmp_p
     assert again["accuracy"] == got["accuracy"]
     with pytest.raises(FileNotFoundError, match="dataset folder .*caltech-101 not found"):
         evaluation.evaluate_transfer(out, ["caltech101"], dict(root=targets, workers=0))
-    summary = evaluation.summarize(str(tmp_path))
+    summary = report.summarize(str(tmp_path))
     (row,) = summary["xd"]
     assert row["acc"]["dtd"][0] == got["accuracy"]["dtd"] and row["acc"]["demo"][0] == res["all"]
 
@@ -91,7 +92,7 @@ def test_mao_all_classes_trains_the_base_step_only(tmp_path, demo_root, tiny_cli
     ck = torch.load(os.path.join(out, "base_prompt.pt"), weights_only=False)
     assert ck["subsample"] == "all" and len(ck["classnames"]) == 12 and ck["epoch"] == 1  # all epochs, not half
     assert evaluation.evaluate_checkpoints(out, "all", dict(workers=0))["all"] == res["all"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="there is no new step"):
         run_train(tmp_path, demo_root, tiny_clip_path, "--subsample", "all", "--stage", "new")
 
 

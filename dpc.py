@@ -1,0 +1,150 @@
+"""DPC: Dual-Prompt Collaboration (Li et al., CVPR 2025, arXiv 2503.13443) as a plug-in on any prompt learner.
+
+DPC never changes the backbone. Stage 1 is the backbone trained as published on the base classes, giving its prompt
+P (train.py). Stage 2, this file, in the paper's order:
+  1. parallel prompt P'      a copy of P that is trained while P stays frozen (DPC §3.1)           DualPrompt
+  2. Dynamic Hard Negative   each anchor image's Top-K base classes under frozen P, by image-text   ImageTextRanking
+     Optimizer (DHNO)        similarity, re-ranked every epoch; the batches come from MAO's batch
+                             builder (sampler.HardNegativeBatchSampler) with this ranking
+  3. L_CL                    symmetric image<->text contrastive loss over the batch (DPC §3.2)      symmetric_contrastive_loss
+  4. weighting-decoupling    base classes with omega_b P' + (1 - omega_b) P, new classes with      decoupled_prompts
+                             omega_n P' + (1 - omega_n) P (omega_n -> 0: exactly the backbone)
+"Prompt" means every learnable tensor of the learner (CoOp's context; MaPLe's prompts and couplings; ...). The
+summary of the paper we have gives no equation numbers, so its parts are cited by name and section. Where the
+released code (JREion/DPC) differs from the paper: METHODS.md B9; each difference is a flag of train.py.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip_prompt import clip_logits
+
+# -----------------------------------------------------------------------------
+# 1. The parallel prompt P' beside the frozen P (DPC §3.1; METHODS.md B2)
+
+
+class DualPrompt(nn.Module):
+    """P (the stage-1 prompt, frozen) and the parallel prompt P' (trained, P' = P at the start), around any learner.
+
+    The backbone is untouched: its forward runs with P' substituted for its learnable tensors (functional_call).
+    param='direct' (paper): the trained tensor is P' itself. param='mixed' (official code): the stored tensor is
+    M = w P' + (1 - w) P and the forward uses P' = (M - (1 - w) P) / w, so SGD moves P' at lr / w^2 (w = omega_b).
+    """
+
+    def __init__(self, learner, omega_b=0.2, param="direct"):
+        super().__init__()
+        if param not in ("direct", "mixed"):
+            raise ValueError(f"param must be 'direct' or 'mixed', not '{param}'")
+        if param == "mixed" and not 0 < omega_b <= 1:
+            raise ValueError(f"--dpc_param mixed divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
+        self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
+        self.omega_b, self.param = omega_b, param
+        own = dict(learner.named_parameters())
+        for n in self.names:
+            self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
+        self.stored = nn.ParameterDict({self._key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})
+        self.learner = learner.requires_grad_(False)  # its own tensors keep P; the forward substitutes P'
+
+    @staticmethod
+    def _key(name):
+        return name.replace(".", "__")  # ParameterDict keys may not hold dots
+
+    def frozen_prompt(self):
+        return {n: getattr(self, "P__" + self._key(n)) for n in self.names}
+
+    def parallel_prompt(self):
+        """P' as the forward uses it (differentiable)."""
+        P, w = self.frozen_prompt(), self.omega_b
+        if self.param == "direct":
+            return {n: self.stored[self._key(n)] for n in self.names}
+        return {n: (self.stored[self._key(n)] - (1 - w) * P[n]) / w for n in self.names}  # F^-1(M)
+
+    def mix(self, omega):
+        """omega P' + (1 - omega) P, detached, on the CPU: a learned state for learner.load_learned."""
+        P, Q = self.frozen_prompt(), self.parallel_prompt()
+        return {n: (omega * Q[n] + (1 - omega) * P[n]).detach().cpu().clone() for n in self.names}
+
+    def forward(self, images, class_ids=None):
+        return torch.func.functional_call(self.learner, self.parallel_prompt(), (images, class_ids), strict=False)
+
+    def learned_state(self):  # the stored trainable tensors (P' or M), for checkpoints and resume
+        return {n: self.stored[self._key(n)].detach().cpu().clone() for n in self.names}
+
+    def load_learned(self, state):
+        if set(state) != set(self.names):
+            raise ValueError(f"checkpoint tensors {sorted(state)} do not match {sorted(self.names)}")
+        with torch.no_grad():
+            for n in self.names:
+                p = self.stored[self._key(n)]
+                p.copy_(state[n].to(p.device, p.dtype))
+
+
+# -----------------------------------------------------------------------------
+# 2. DHNO's ranking: each training image's Top-K base classes under the frozen prompt P (METHODS.md B4)
+
+@torch.no_grad()
+def image_text_neighbours(learner, loader, K, device):
+    """For every training image, the K base classes its frozen learner scores highest.
+
+    learner: the frozen stage-1 model (prompt P) over all base classes; loader yields (image, label, index) over the
+    training items (augmented views, as DPC ranks augmented anchors). Batched, no gradients. Returns (N, K) class ids,
+    highest similarity first (softmax would not change the order, so the logits are ranked directly).
+    """
+    was_training = learner.training
+    learner.eval()
+    text = learner.encode_text()  # (C, E), once
+    table = torch.empty(len(loader.dataset), K, dtype=torch.long)
+    for images, _, idx in loader:
+        logits = clip_logits(learner.clip, learner.encode_image(images.to(device)), text)  # (B, C)
+        table[idx] = logits.topk(K, dim=1).indices.cpu()
+    learner.train(was_training)
+    return table
+
+
+class ImageTextRanking:
+    """The neighbour source HardNegativeBatchSampler asks every epoch: it re-ranks every training image on a fresh
+    augmented view with the frozen learner (P), giving an (N, K) table, one row per training item."""
+
+    def __init__(self, learner, loader, K, device):
+        self.learner, self.loader, self.K, self.device = learner, loader, K, device
+        self.num_classes = len(learner.classnames)
+
+    def __call__(self, epoch):
+        return image_text_neighbours(self.learner, self.loader, self.K, self.device)
+
+
+# -----------------------------------------------------------------------------
+# 3. L_CL: the symmetric contrastive loss over a hard-negative batch (DPC §3.2; METHODS.md B5)
+
+def symmetric_contrastive_loss(logits):
+    """L_CL = 1/2 [CE(L, arange) + CE(L^T, arange)] over a hard-negative batch.
+
+    logits L (B', B'): image j against the text of image k's class (one text row per image, in batch order), so
+    the matching pair is on the diagonal; rows are image->text, columns text->image.
+    """
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))  # DPC L_CL
+
+
+def stage2_loss(dual, images, labels, backbone_losses=True):
+    """One stage-2 step: P' scores each image against its batch's classes, one text row per image (B', B'), and
+    L_CL is added to the backbone's own other losses (the paper's "parallel to other backbone losses") unless
+    backbone_losses is False (the released code: L_CL only). Returns (loss, {name: value}) for logging."""
+    out = dual(images, labels)  # labels double as the text rows: image k's class, in batch order
+    cl = symmetric_contrastive_loss(out.logits)
+    extra = out.losses if backbone_losses else {}
+    return cl + sum(extra.values()), {"l_cl": cl.item(), **{k: v.item() for k, v in extra.items()}}
+
+
+# -----------------------------------------------------------------------------
+# 4. Weighting-decoupling at inference (DPC §3.3; METHODS.md B3)
+
+def decoupled_prompts(dual, omega_b, omega_n, base_infer="mixed"):
+    """{'parallel': P', 'base': the prompt for base classes, 'new': the prompt for new classes} as learned states.
+
+    base = omega_b P' + (1 - omega_b) P (paper), or P' alone (base_infer='parallel', the released code);
+    new = omega_n P' + (1 - omega_n) P, exactly P at omega_n = 0: new classes keep the backbone's accuracy.
+    """
+    parallel = dual.mix(1.0)
+    base = parallel if base_infer == "parallel" else dual.mix(omega_b)
+    return {"parallel": parallel, "base": base, "new": dual.mix(omega_n)}
