@@ -125,6 +125,8 @@ def write_dataset(root, classes, n=4):
     (["--stage", "new"], FileNotFoundError, "needs the base-step prompt"),
     (["--init_from", "nowhere.pt"], FileNotFoundError, "nowhere.pt not found"),
     (["--shots", "40"], ValueError, "largest valid value for this dataset is 16"),
+    (["--lr", "-1"], ValueError, "--lr -1.0: must be > 0"),
+    (["--momentum", "1.5"], ValueError, "momentum lies in"),
 ])
 def test_bad_settings_fail_before_writing(tmp_path, demo_root, tiny_clip_path, extra, error, match):
     with pytest.raises(error, match=match):
@@ -163,3 +165,14 @@ def test_eval_refuses_missing_and_mismatched_checkpoints(tmp_path, demo_root, ti
     torch.save({"weights": 1}, bogus)
     with pytest.raises(ValueError, match="not a prompt checkpoint"):
         evaluation.main(["--ckpt", str(bogus)])
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path, demo_root, tiny_clip_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("garbage\n")
+    for call in (lambda: evaluation.main(["--ckpt", str(junk)]),
+                 lambda: run_train(tmp_path, demo_root, tiny_clip_path, "--init_from", str(junk))):
+        with pytest.raises(ValueError, match="junk.pt is not a prompt checkpoint written by train.py") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
