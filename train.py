@@ -90,6 +90,11 @@ DATASET_PRESETS = {"dtd": dict(anchors=2, topk=8), "oxford_pets": dict(anchors=2
 DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "demo_clip.pt")  # pretrain_clip.py
 DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8, n_vis=4,
                 depth=9, gpa_mean=0, gpa_std=0)
+# Where MAO and DPC leave a choice: the papers' behaviour, and (--recipe official) the released code's, all at once
+PAPER_BEHAVIOUR = dict(ar_dedup=1, pseudo_labeler="clip", released_batches=0, dpc_param="direct",
+                       dpc_base_infer="mixed", dpc_backbone_losses=1)
+RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned", released_batches=1,
+                          dpc_param="released", dpc_base_infer="parallel", dpc_backbone_losses=0)
 # Flags that do not change what is learned; every other flag set away from its paper value makes a run a "variant"
 # (results.json), which eval.py tabulates apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "device", "precision",
@@ -99,8 +104,12 @@ NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "i
 def setting_changes(args, preset, ap):
     """{flag: value} for every setting given away from the paper's (the preset, else the argparse default)."""
     paper = dict(preset, shots=16, new_shots=args.shots, stage=ap.get_default("stage"))
+    if "distinct_anchors" not in paper:  # MAO: follows --ar_dedup (one text row per image: anchors may repeat)
+        paper["distinct_anchors"] = args.ar_dedup if args.method == "mao" and args.ar_dedup is not None else 1
     if args.method == "mao" or args.subsample == "all" or args.backbone == "zsclip":
         paper["baseline_recipe"] = args.baseline_recipe  # no backbone-alone training: the recipe changes nothing
+    if args.method == "none":
+        paper["recipe"] = args.recipe  # the backbone alone has no released MAO / DPC behaviour to switch
     if args.subsample == "all":
         paper["stage"] = args.stage  # forced to the base step below
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS and v is not None
@@ -142,10 +151,25 @@ ap.add_argument("--baseline_recipe", default="mao", choices=["mao", "published"]
 ap.add_argument("--init_from", help="prompt checkpoint to start from (new step: the base-step prompt)")
 ap.add_argument("--topk", type=int, help="K: Top-K nearest classes of Eq. (4) (MAO §3.2). Paper: 8 (EuroSAT 2)")
 ap.add_argument("--anchors", type=int, help="b: anchor images per hard-negative batch (MAO Supp. B). Paper: 4 (DTD, Pets, EuroSAT 2)")
-ap.add_argument("--ar_dedup", type=int, default=1, choices=[0, 1],
-                help="C~'_b of Eq. (5): 1 = unique classes (paper); 0 = official code (one row per image, anchors may repeat)")
-ap.add_argument("--pseudo_labeler", default="clip", choices=["clip", "tuned"],
-                help="teacher of Eq. (7): clip = zero-shot foundation CLIP (paper, Table 5); tuned = base-step prompt (official code)")
+ap.add_argument("--recipe", default="paper", choices=["paper", "official"],
+                help="paper: the papers' behaviour wherever they say (the released code's where they are silent); "
+                     "official: every behaviour of the released MAO / DPC code at once (docs/deviations.md). "
+                     "Explicit flags below still win")
+ap.add_argument("--ar_dedup", type=int, choices=[0, 1],
+                help="C~'_b of Eq. (5): 1 = unique classes (paper); 0 = one text row per image, duplicates kept "
+                     "(released); under MAO 0 also lets anchors share a class unless --distinct_anchors is given")
+ap.add_argument("--distinct_anchors", type=int, choices=[0, 1],
+                help="1: the anchors of a hard-negative batch have distinct classes, so no class repeats (paper); "
+                     "0: plain shuffled anchors that may share a class (released MAO and DPC)")
+ap.add_argument("--released_batches", type=int, choices=[0, 1],
+                help="1: the released batch builder: K negatives when an anchor's class is outside its own Top-K, and "
+                     "its fallback (randint(1, C-1), MAO; randint(1, C-2), CoOp+DPC; up to 2 negatives even at "
+                     "K = 2). 0: up to K-1 negatives, fallback uniform over unused classes (paper: 'up to K-1')")
+ap.add_argument("--minilm_bank", default="raw", choices=["raw", "spaced"],
+                help="Eq. (4)'s class bank: raw = names as given, '_' kept (released code; the paper is silent); "
+                     "spaced = '_' -> ' ' as the queries")
+ap.add_argument("--pseudo_labeler", choices=["clip", "tuned"],
+                help="teacher of Eq. (7): clip = zero-shot foundation CLIP (paper, Table 5); tuned = base-step prompt (released)")
 ap.add_argument("--pseudo_label_every", default="batch", choices=["batch", "epoch"],
                 help="batch: online on each augmented batch (paper); epoch: once on un-augmented views (faster)")
 ap.add_argument("--new_shots", type=int, help="S: unlabeled images per new class (default: --shots; MAO Fig. 4: 8 <= S <= 32)")
@@ -155,14 +179,14 @@ ap.add_argument("--omega_b", type=float, default=0.2, help="DPC base-class weigh
 ap.add_argument("--omega_n", type=float, default=0.0, help="DPC new-class weight of P' (paper: -> 0)")
 ap.add_argument("--dpc_epochs", type=int, default=20, help="DPC stage-2 epochs (paper: 20)")
 ap.add_argument("--dpc_lr", type=float, default=0.002, help="DPC stage-2 SGD learning rate (paper: 0.002)")
-ap.add_argument("--dpc_param", default="direct", choices=["direct", "mixed"],
-                help="direct: train P' (paper); mixed: store w P' + (1-w) P and train through its inverse, "
-                     "i.e. P' at lr / omega_b^2 (official code)")
-ap.add_argument("--dpc_base_infer", default="mixed", choices=["mixed", "parallel"],
-                help="base classes scored with omega_b P' + (1-omega_b) P (paper) or P' alone (official code)")
-ap.add_argument("--dpc_backbone_losses", type=int, default=1, choices=[0, 1],
+ap.add_argument("--dpc_param", choices=["direct", "released"],
+                help="direct: train P' at --dpc_lr (paper); released: the released trainer's update, P' trained "
+                     "with its gradient scaled by 1/omega_b (lr / omega_b, weight decay at the plain lr)")
+ap.add_argument("--dpc_base_infer", choices=["mixed", "parallel"],
+                help="base classes scored with omega_b P' + (1-omega_b) P (paper) or P' alone (released)")
+ap.add_argument("--dpc_backbone_losses", type=int, choices=[0, 1],
                 help="1: keep the backbone's own losses beside L_CL (paper: 'parallel to other backbone "
-                     "losses'); 0: L_CL only (official code)")
+                     "losses'); 0: L_CL only (released)")
 # -- optim --
 ap.add_argument("--epochs", type=int, help="total epoch budget; MAO gives half to each step (paper: 20 = 10 + 10)")
 ap.add_argument("--lr", type=float, help="SGD learning rate (CoOp 0.002; MAO 0.0035)")
@@ -214,17 +238,24 @@ def parse_args(argv=None):
                          "use --backbone promptsrc")
     stage1 = "none" if args.method == "dpc" else args.method  # DPC's stage 1 is the backbone alone
     presets = PRESETS_ALL if args.subsample == "all" else PRESETS
-    preset = dict(DEFAULTS, **presets.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}))
+    preset = dict(DEFAULTS, **presets.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}),
+                  **PAPER_BEHAVIOUR)
+    if args.recipe == "official":
+        preset.update(RELEASED_BEHAVIOUR)
     if stage1 == "none" and args.subsample == "base" and args.baseline_recipe == "mao":
         preset.update(MAO_BASELINE)
     elif (args.backbone, stage1) == ("coop", "none") and args.dataset == "imagenet":
         preset["epochs"] = 50  # vit_b16_ep50_ctxv1
+    if args.recipe == "official" and args.subsample == "all" and args.method == "mao":
+        preset["lr"] = 0.005  # the released ep5 cross-dataset configs (the paper says 0.0035)
     # what this run changes from the paper setting: explicit flags that differ from the preset or the default
     args.variant = setting_changes(args, preset, PARSER)
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.new_shots = args.new_shots or args.shots
+    if args.distinct_anchors is None:
+        args.distinct_anchors = args.ar_dedup if args.method == "mao" else 1
     if args.subsample == "all" and args.method == "mao":
         if args.stage == "new":
             raise ValueError("--subsample all trains every class with labels: there is no new step (MAO Supp. B)")
@@ -234,8 +265,8 @@ def parse_args(argv=None):
         if args.dataset == "demo" and not os.path.isfile(DEMO_CLIP):
             raise FileNotFoundError(f"the demo CLIP {DEMO_CLIP} is missing: restore it from git "
                                     f"(git checkout weights/) or rebuild it with python pretrain_clip.py")
-    if args.method == "dpc" and args.dpc_param == "mixed" and args.omega_b == 0:
-        raise ValueError("--dpc_param mixed trains through (M - (1 - omega_b) P) / omega_b: it needs --omega_b > 0")
+    if args.method == "dpc" and args.dpc_param == "released" and args.omega_b == 0:
+        raise ValueError("--dpc_param released divides the gradient by omega_b: it needs --omega_b > 0")
     if args.method == "mao" and args.epochs < 2 and args.stage == "both" and args.subsample == "base":
         raise ValueError(f"--epochs {args.epochs}: MAO splits the budget in two halves, so it needs at least 2")
     if args.device == "auto":
@@ -444,7 +475,7 @@ def build_model(run):
     if args.method in ("mao", "dpc") and (args.method == "dpc" or args.stage in ("both", "base")):
         check_settings(len(run.base_names), args.anchors, args.topk)  # both build hard-negative batches
     if args.method == "mao" and args.stage in ("both", "base"):
-        run.neighbours = class_neighbours(run.base_names, args.topk)  # Eq. 4, once for the whole run
+        run.neighbours = class_neighbours(run.base_names, args.topk, bank=args.minilm_bank)  # Eq. 4, once per run
     if args.method == "mao" and args.stage == "new" and not args.init_from:
         args.init_from = os.path.join(args.out, "base_prompt.pt")
         if not os.path.isfile(args.init_from):
@@ -525,7 +556,8 @@ def mao_base_step(run, learner):
     own other losses are kept unchanged."""
     args, device = run.args, run.device
     sampler = HardNegativeBatchSampler([y for _, y, _ in run.base["train"]], run.neighbours, args.anchors,
-                                       seed=args.seed, distinct_anchors=bool(args.ar_dedup))
+                                       seed=args.seed, distinct_anchors=bool(args.distinct_anchors),
+                                       released=bool(args.released_batches))
 
     def base_step_loss(batch):
         images, labels, _ = batch
@@ -594,7 +626,10 @@ def run_dpc(run, learner):
     views = torch.utils.data.DataLoader(ImageList(run.image_dir, run.base["train"], run.train_tf),
                                         batch_size=args.test_batch_size, num_workers=args.workers)
     ranking = ImageTextRanking(dual.learner, views, args.topk, device)  # the inner learner still holds P
-    sampler = HardNegativeBatchSampler([y for _, y, _ in run.base["train"]], ranking, args.anchors, seed=args.seed)
+    sampler = HardNegativeBatchSampler([y for _, y, _ in run.base["train"]], ranking, args.anchors, seed=args.seed,
+                                       distinct_anchors=bool(args.distinct_anchors),
+                                       released=bool(args.released_batches),
+                                       fallback_high=max(1, len(run.base_names) - 2))  # the released CoOp+DPC range
 
     def dpc_loss(batch):
         images, labels, _ = batch
@@ -625,7 +660,7 @@ def evaluate_run(run, learner, states, train_seconds):
     base_names, new_names, base_test, new_test = run.base_names, run.new_names, run.base["test"], run.new["test"]
     res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
            "shots": args.shots, "protocol": "b2n" if args.subsample == "base" else "all",
-           "stage": args.stage if args.method == "mao" else None, "variant": args.variant,
+           "stage": args.stage if args.method == "mao" else None, "recipe": args.recipe, "variant": args.variant,
            "toy_model": args.clip == "tiny", "train_seconds": train_seconds}
     if args.subsample == "all":  # the source accuracy of Table 2; targets: eval.py --ckpt OUT --datasets xd,dg
         res["all"] = acc(base_names, states["base"], base_test, "test all")

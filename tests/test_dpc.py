@@ -1,5 +1,5 @@
 """DPC: the symmetric loss by hand, the parallel prompt (P frozen, P' trained, weighting-decoupling exact at
-omega 0 and 1, the official reparametrisation's lr / omega^2), DPC's per-image ranking, and end to end."""
+omega 0 and 1, the released update as SGD at lr / omega by hand), DPC's per-image ranking, and end to end."""
 import json
 import math
 import os
@@ -65,19 +65,45 @@ def test_stage2_leaves_P_bit_identical_and_mixes_exactly(tiny_clip, backbone):
     assert all(torch.allclose(mid[n], 0.2 * dual.mix(1.0)[n] + 0.8 * P[n], atol=1e-6) for n in P)
 
 
-def test_official_reparametrisation_trains_P_prime_at_lr_over_omega_squared(tiny_clip):
+def test_released_update_is_sgd_on_P_prime_at_lr_over_omega(tiny_clip):
+    """The released trainer's update, written out here by hand: three SGD steps with momentum at lr 0.002 and weight
+    decay 5e-4 move P' exactly as plain SGD at lr 0.002 / 0.2 = 0.01 with weight decay 0.2 * 5e-4 = 1e-4 would."""
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    moved = {}
-    for param in ("direct", "mixed"):
-        dual = DualPrompt(_stage1(tiny_clip), omega_b=0.2, param=param).train()
-        with torch.no_grad():
-            start = dual.mix(1.0)["ctx"]
-            assert torch.equal(start, dual.frozen_prompt()["ctx"]) or param == "mixed"
-        opt = torch.optim.SGD([p for p in dual.parameters() if p.requires_grad], lr=1e-3)  # one plain step
+    w, lr, wd, mu = 0.2, 0.002, 5e-4, 0.9
+    dual = DualPrompt(_stage1(tiny_clip), omega_b=w, param="released").train()
+    opt = torch.optim.SGD([p for p in dual.parameters() if p.requires_grad], lr=lr, momentum=mu, weight_decay=wd)
+    ref = DualPrompt(_stage1(tiny_clip), omega_b=w, param="direct").train()  # same P, P' = P
+    p_hand, buf = ref.stored["ctx"].detach().clone(), None
+    for _ in range(3):
+        opt.zero_grad()
         symmetric_contrastive_loss(dual(images, labels).logits).backward()
         opt.step()
-        moved[param] = dual.mix(1.0)["ctx"] - dual.frozen_prompt()["ctx"]
-    assert torch.allclose(moved["mixed"], moved["direct"] / 0.2 ** 2, rtol=1e-3, atol=1e-6)  # f32 rounding of F^-1
+        # by hand: the gradient of L_CL at the current P', then SGD with momentum at lr / w, weight decay w * wd
+        with torch.no_grad():
+            ref.stored["ctx"].copy_(p_hand)
+        ref.stored["ctx"].grad = None
+        symmetric_contrastive_loss(ref(images, labels).logits).backward()
+        d = ref.stored["ctx"].grad + w * wd * p_hand
+        buf = d if buf is None else mu * buf + d
+        p_hand = p_hand - (lr / w) * buf
+    moved = dual.mix(1.0)["ctx"] - dual.frozen_prompt()["ctx"]
+    assert moved.abs().max() > 1e-4  # P' moved
+    assert torch.allclose(dual.mix(1.0)["ctx"], p_hand, atol=1e-6, rtol=0)
+    assert torch.allclose(dual.learned_state()["ctx"], p_hand, atol=1e-6, rtol=0)  # the stored tensor is P' itself
+    # without weight decay, the paper's direct update at the same lr moves P' exactly w times as far (5x less)
+    direct = DualPrompt(_stage1(tiny_clip), omega_b=w, param="direct").train()
+    opt = torch.optim.SGD([p for p in direct.parameters() if p.requires_grad], lr=lr, momentum=mu)
+    opt.zero_grad()
+    symmetric_contrastive_loss(direct(images, labels).logits).backward()
+    opt.step()
+    one = DualPrompt(_stage1(tiny_clip), omega_b=w, param="released").train()
+    opt = torch.optim.SGD([p for p in one.parameters() if p.requires_grad], lr=lr, momentum=mu)
+    opt.zero_grad()
+    symmetric_contrastive_loss(one(images, labels).logits).backward()
+    opt.step()
+    P = direct.frozen_prompt()["ctx"]
+    step_direct, step_released = direct.mix(1.0)["ctx"] - P, one.mix(1.0)["ctx"] - P
+    assert torch.allclose(step_released, step_direct / w, rtol=1e-3, atol=1e-7)
 
 
 class _FakeLearner(nn.Module):
@@ -149,3 +175,15 @@ def test_dpc_from_an_existing_backbone_checkpoint(tmp_path, demo_root, tiny_clip
     par = torch.load(os.path.join(out2, "parallel_prompt.pt"), weights_only=False)["learned"]
     base = torch.load(os.path.join(out2, "base_prompt.pt"), weights_only=False)["learned"]
     assert all(torch.equal(par[n], base[n]) for n in par)  # official code: base classes scored with P' alone
+
+
+def test_dpc_official_recipe_end_to_end(tmp_path, demo_root, tiny_clip_path):
+    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--method", "dpc", "--recipe", "official",
+                         "--epochs", "1", "--dpc_epochs", "2")
+    assert res["recipe"] == "official" and res["variant"]["recipe"] == "official"
+    assert res["args"]["dpc_param"] == "released" and res["args"]["dpc_backbone_losses"] == 0
+    ck = {k: torch.load(os.path.join(out, f"{k}.pt"), weights_only=False)["learned"]
+          for k in ("prompt", "parallel_prompt", "base_prompt", "new_prompt")}
+    assert torch.equal(ck["base_prompt"]["ctx"], ck["parallel_prompt"]["ctx"])  # base classes: P' alone
+    assert torch.equal(ck["new_prompt"]["ctx"], ck["prompt"]["ctx"])  # omega_n = 0: exactly P
+    assert not torch.equal(ck["parallel_prompt"]["ctx"], ck["prompt"]["ctx"])

@@ -176,3 +176,39 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path, demo_roo
             call()
         assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+# -- --recipe official: every released behaviour at once; explicit flags still win ------------------------------
+
+def test_recipe_official_sets_every_released_behaviour():
+    base = ["--dataset", "demo", "--device", "cpu"]
+    paper = train.parse_args(base)
+    mao = train.parse_args(base + ["--recipe", "official"])
+    assert (paper.ar_dedup, paper.distinct_anchors, paper.pseudo_labeler, paper.released_batches) == (1, 1, "clip", 0)
+    assert (mao.ar_dedup, mao.distinct_anchors, mao.pseudo_labeler, mao.released_batches) == (0, 0, "tuned", 1)
+    assert paper.variant == {} and mao.variant == {"recipe": "official"}
+    assert paper.minilm_bank == mao.minilm_bank == "raw"  # the paper is silent: the released table is the default
+    dpc = train.parse_args(base + ["--method", "dpc", "--recipe", "official"])
+    assert (dpc.dpc_param, dpc.dpc_base_infer, dpc.dpc_backbone_losses, dpc.distinct_anchors, dpc.released_batches) \
+        == ("released", "parallel", 0, 0, 1)
+    assert dpc.weight_decay == 5e-4  # stage 2's released update is the aliasing, not a global weight decay change
+    mixed = train.parse_args(base + ["--recipe", "official", "--ar_dedup", "1"])  # an ablation of one behaviour
+    assert mixed.ar_dedup == 1 and mixed.pseudo_labeler == "tuned" and mixed.variant == {"recipe": "official",
+                                                                                         "ar_dedup": 1}
+    assert train.parse_args(base + ["--ar_dedup", "0"]).distinct_anchors == 0  # as before: repeats allowed with it
+    assert train.parse_args(base + ["--ar_dedup", "1"]).variant == {}  # the paper's value, given explicitly
+    assert train.parse_args(base + ["--method", "none", "--recipe", "official"]).variant == {}  # nothing to switch
+    xd = train.parse_args(["--dataset", "imagenet", "--subsample", "all", "--recipe", "official", "--device", "cpu"])
+    assert xd.lr == 0.005 and train.parse_args(["--dataset", "imagenet", "--subsample", "all"]).lr == 0.0035
+
+
+def test_official_recipe_runs_and_is_summarized_apart(tmp_path, demo_root, tiny_clip_path):
+    import report
+    runs = tmp_path / "runs"
+    for recipe in ("paper", "official"):
+        res, out = run_train(tmp_path / recipe, demo_root, tiny_clip_path, "--epochs", "2", "--recipe", recipe,
+                             "--out", str(runs / f"coop-mao-{recipe}"))
+        assert res["recipe"] == recipe
+    labels = sorted(report._label(r) for r in report.summarize(str(runs))["b2n"] if r["dataset"] != "average")
+    tag = f"clip={tiny_clip_path}, epochs=2"
+    assert labels == [f"+MAO [{tag}, recipe=official, shots=8, topk=3]", f"+MAO [{tag}, shots=8, topk=3]"]
