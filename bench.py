@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from clip_prompt import ZeroShotCLIP, build_learner, build_tiny_clip, clip_logits, load_clip
+from clip_prompt import ZeroShotCLIP, build_learner, build_tiny_clip, clip_logits, convert_weights, load_clip
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
 from sampler import HardNegativeBatchSampler
@@ -326,7 +326,7 @@ def main(argv=None):
         model = (vit_b16_shaped().to(device) if name == "vit-b16-shaped" else
                  build_tiny_clip().to(device).requires_grad_(False) if name == "tiny" else load_clip(name, device))
     if device.type == "cuda" and name in ("vit-b16-shaped", "tiny"):
-        model = model.half()  # the paper's fp16 CLIP
+        convert_weights(model)  # the paper's fp16 CLIP, in clip.load's layout (LayerNorms stay fp32)
     header = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                   cpu=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   (platform.processor() or platform.machine()),

@@ -33,7 +33,7 @@ with warnings.catch_warnings():  # openai-clip imports pkg_resources, which setu
     import clip
 import torch.nn as nn
 import torch.nn.functional as F
-from clip.model import CLIP, build_model
+from clip.model import CLIP, build_model, convert_weights
 
 # -----------------------------------------------------------------------------
 # Loading frozen CLIP
@@ -53,7 +53,8 @@ def load_clip(name, device="cpu", precision="auto", cache_dir="data"):
     """Frozen CLIP from a model name ('ViT-B/16', downloaded once to ~/.cache/clip), a local checkpoint path,
     or 'tiny' (a small randomly initialised CLIP for pipeline runs, written once to cache_dir/tiny_clip.pt).
 
-    CPU: fp32. CUDA: CLIP's own fp16 weights (precision 'fp16', the paper's setting) or fp32.
+    precision 'fp16' (the paper's setting on a GPU): CLIP's own fp16 layout (clip.model.convert_weights: matmul and
+    conv weights fp16, LayerNorms fp32), on any device; 'fp32', or 'auto' on a CPU: fp32.
     Returns the model in eval mode with every parameter frozen.
     """
     device = torch.device(device)
@@ -71,8 +72,10 @@ def load_clip(name, device="cpu", precision="auto", cache_dir="data"):
     else:
         raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()} "
                                 f"(or 'tiny' for the small random CLIP used by pipeline runs)")
-    if device.type == "cpu" or precision == "fp32":
-        model = model.float()  # fp16 matmuls are not available (or slow) on CPU
+    if precision == "fp16" or (precision == "auto" and device.type == "cuda"):
+        convert_weights(model)  # clip.load already does this on a GPU; on a CPU it returns fp32
+    else:
+        model = model.float()
     return model.eval().requires_grad_(False)
 
 
@@ -145,6 +148,27 @@ def encode_image(model, images, shallow=None, deep=None):
             x = torch.cat([x[: x.shape[0] - n], p], dim=0)
         x = block(x)
     return v.ln_post(x[0]) @ v.proj  # CLS token only; every prompt output is dropped
+
+
+class EncodeCounter:
+    """Counts what runs through frozen CLIP: images through the image tower and token sequences through the text
+    tower, and how many of each carry gradients (a backward pass follows). Forward hooks on the last block of each
+    tower, so every learner, teacher and evaluation pass is counted alike."""
+
+    def __init__(self, model):
+        self.counts = dict(images=0, images_grad=0, texts=0, texts_grad=0)
+        self.handles = [model.visual.transformer.resblocks[-1].register_forward_hook(self._hook("images")),
+                        model.transformer.resblocks[-1].register_forward_hook(self._hook("texts"))]
+
+    def _hook(self, kind):
+        def hook(module, inputs, output):  # output (L, N, D): N images or sequences
+            self.counts[kind] += output.shape[1]
+            self.counts[kind + "_grad"] += output.shape[1] if output.requires_grad else 0
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 # logits over the requested classes; plain-CLIP image features if the forward computed them (else None);

@@ -326,18 +326,42 @@ def read_image(path):
                              f"from the split file.") from None
 
 
-class ImageList(torch.utils.data.Dataset):
-    """Items decoded in DataLoader workers. Yields (image, label, index); unlabeled items carry label -1."""
+def decode_all(image_dir, items, threads=1):
+    """Every image of items decoded once, in parallel threads (Pillow releases the GIL while decoding), as RGB PIL
+    images in item order. Few-shot training sets are small (16 shots x classes), and a MAO base-step epoch draws each
+    training image about K times (as an anchor and as a negative), so decoding once per run removes the costliest
+    part of loading; DataLoader workers forked afterwards share the decoded pixels."""
+    from concurrent.futures import ThreadPoolExecutor
+    paths = [os.path.join(image_dir, rel) for rel, _, _ in items]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(pool.map(read_image, paths))
 
-    def __init__(self, image_dir, items, transform):
-        self.image_dir, self.items, self.transform = image_dir, items, transform
+
+def check_images(image_dir, items):
+    """Open every image's header (no decoding): a missing or unreadable file fails now, naming its path."""
+    for rel, _, _ in items:
+        path = os.path.join(image_dir, rel)
+        try:
+            Image.open(path).close()
+        except Exception as e:
+            raise ImageReadError(f"cannot read image {path} ({type(e).__name__}: {e}). Re-download it or remove "
+                                 f"it from the split file.") from None
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Items decoded in DataLoader workers, or taken from `decoded` (decode_all) when given; either way the transform
+    (a fresh random crop for training) runs on every use. Yields (image, label, index); unlabeled items carry -1."""
+
+    def __init__(self, image_dir, items, transform, decoded=None):
+        self.image_dir, self.items, self.transform, self.decoded = image_dir, items, transform, decoded
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         rel, label, _ = self.items[i]
-        return self.transform(read_image(os.path.join(self.image_dir, rel))), label, i
+        image = self.decoded[i] if self.decoded is not None else read_image(os.path.join(self.image_dir, rel))
+        return self.transform(image), label, i
 
 
 def hide_labels(items):

@@ -44,8 +44,8 @@ def accuracy(learner, loader, device, desc="eval"):
     return 100.0 * correct / max(total, 1)
 
 
-def test_loader(image_dir, items, transform, batch_size=100, workers=0):
-    return torch.utils.data.DataLoader(ImageList(image_dir, items, transform), batch_size=batch_size,
+def test_loader(image_dir, items, transform, batch_size=100, workers=0, decoded=None):
+    return torch.utils.data.DataLoader(ImageList(image_dir, items, transform, decoded), batch_size=batch_size,
                                        shuffle=False, num_workers=workers)
 
 

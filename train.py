@@ -30,15 +30,16 @@ import random
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_prompt import BACKBONES, ZeroShotCLIP, build_learner, load_clip
-from data import (DATASETS, ImageList, build_transforms, dataset_spec, error_line, fewshot_splits, hide_labels,
-                  make_demo, subsample_classes)
+from clip_prompt import BACKBONES, EncodeCounter, ZeroShotCLIP, build_learner, load_clip
+from data import (DATASETS, ImageList, build_transforms, check_images, dataset_spec, decode_all, error_line,
+                  fewshot_splits, hide_labels, make_demo, subsample_classes)
 from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
 from eval import accuracy, harmonic_mean, load_checkpoint, test_loader
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
@@ -98,7 +99,8 @@ RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned"
 # Flags that do not change what is learned; every other flag set away from its paper value makes a run a "variant"
 # (results.json), which eval.py tabulates apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "device", "precision",
-                "workers", "test_batch_size", "out", "resume", "log_every"}
+                "workers", "test_batch_size", "out", "resume", "log_every",
+                "cache_images"}
 
 
 def setting_changes(args, preset, ap):
@@ -200,6 +202,9 @@ ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu,
 ap.add_argument("--precision", default="auto", choices=["auto", "fp16", "fp32"],
                 help="frozen CLIP dtype: auto = fp16 on GPU (paper) with loss scaling, fp32 on CPU")
 ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+ap.add_argument("--cache_images", type=int, default=1, choices=[0, 1],
+                help="1: decode every training image once per run and keep it in memory (augmentation still fresh "
+                     "on every use); 0: decode on every use (less memory)")
 ap.add_argument("--test_batch_size", type=int, default=100)
 ap.add_argument("--out", help="output folder (default runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
 ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
@@ -430,7 +435,10 @@ def main(argv=None):
         states = run_mao(run, learner)
     else:
         learner, states = run_dpc(run, learner)
-    return evaluate_run(run, learner, states, time.time() - t_train)
+    train_seconds = time.time() - t_train
+    with measured(run, "evaluation"):
+        res = evaluate_run(run, learner, states, train_seconds)
+    return finish(run, res)
 
 
 def load_data(run):
@@ -456,6 +464,17 @@ def load_data(run):
                          f"python eval.py --ckpt RUN --datasets {args.dataset})")
     if args.method == "mao" and args.stage in ("both", "new") and not run.new["train"]:
         raise ValueError("the new step needs unlabeled new-class training images; the new split is empty")
+    # every training image is read now, so a broken one stops the run before anything is written
+    sets = {"base": run.base["train"], "new": run.new["train"] if args.method == "mao" else []}
+    if args.cache_images:
+        run.decoded = {k: decode_all(run.image_dir, v, args.workers) for k, v in sets.items()}
+        mb = sum(im.width * im.height * 3 for v in run.decoded.values() for im in v) / 2**20
+        run.note = (f"decoded the {sum(map(len, sets.values()))} training images once ({mb:.1f} MB in memory; "
+                    f"--cache_images 0 decodes them on every use)")
+    else:
+        run.decoded, run.note = {"base": None, "new": None}, None
+        for v in sets.values():
+            check_images(run.image_dir, v)
 
 
 def build_model(run):
@@ -463,6 +482,7 @@ def build_model(run):
     Also refuses hard-negative settings the base classes cannot hold and builds MAO's Eq. (4) table once."""
     args, device = run.args, run.device
     run.model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
+    run.counter, run.cost = EncodeCounter(run.model), {}
     run.train_tf, run.test_tf = build_transforms(run.model.visual.input_resolution)
     layers = min(len(run.model.transformer.resblocks), len(run.model.visual.transformer.resblocks))
     if args.backbone in ("maple", "ivlp", "promptsrc") and args.depth > layers:
@@ -501,6 +521,8 @@ def start_output(run, learner):
     log(" ".join(f"{k}={v}" for k, v in vars(args).items()))
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    if run.note:
+        log(run.note)
     nparams = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     log(f"{args.backbone} on {args.dataset}: {len(run.base_names)} "
         f"{'base' if args.subsample == 'base' else 'training'} / {len(run.new_names)} new classes, "
@@ -508,15 +530,24 @@ def start_output(run, learner):
         f"{run.device} {args.precision}")
 
 
-def make_loader(run, items, batch_size=None, batch_sampler=None, transform=None):
-    """Training images decoded and augmented in DataLoader workers: shuffled batches, or a batch sampler's."""
+def make_loader(run, items, decoded, batch_size=None, batch_sampler=None):
+    """Training images augmented (and decoded, unless cached) in DataLoader workers: shuffled batches, or a batch
+    sampler's."""
     args = run.args
-    ds = ImageList(run.image_dir, items, transform or run.train_tf)
+    ds = ImageList(run.image_dir, items, run.train_tf, decoded)
     kw = dict(num_workers=args.workers, pin_memory=run.device.type == "cuda", persistent_workers=False)  # fresh workers re-seeded every epoch
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, **kw)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=len(ds) >= batch_size,
                                        generator=torch.Generator().manual_seed(args.seed), **kw)
+
+
+@contextmanager
+def measured(run, phase):
+    """Seconds and frozen-CLIP encoder counts of one phase of the run: results.json's "cost" (where the time goes)."""
+    before, t0 = dict(run.counter.counts), time.time()
+    yield
+    run.cost[phase] = dict({k: v - before[k] for k, v in run.counter.counts.items()}, seconds=time.time() - t0)
 
 
 def save_prompt(run, learner, name, subsample, epochs, stage):
@@ -534,8 +565,9 @@ def train_backbone(run, learner):
         out = learner(images.to(device))  # logits over all base classes
         ce = cross_entropy(out.logits, labels.to(device))  # Eq. 2
         return ce + sum(out.losses.values()), {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}}
-    train_stage("base", learner, make_loader(run, run.base["train"], args.batch_size), plain_loss, args.epochs, args,
-                device, run.log)
+    with measured(run, "backbone"):
+        train_stage("base", learner, make_loader(run, run.base["train"], run.decoded["base"], args.batch_size),
+                    plain_loss, args.epochs, args, device, run.log)
     save_prompt(run, learner, "prompt.pt", args.subsample, args.epochs, "base")
     return learner.learned_state()
 
@@ -547,8 +579,10 @@ def run_mao(run, learner):
     """{'base': the base-step prompt (scores base classes), 'new': the new-step prompt (scores new classes)}."""
     stage = run.args.stage
     base = mao_base_step(run, learner) if stage in ("both", "base") else learner.learned_state()
-    new = mao_new_step(run, learner, base) if stage in ("both", "new") else None
-    return {"base": base, "new": new}
+    if stage not in ("both", "new"):
+        return {"base": base, "new": None}
+    with measured(run, "mao_new"):  # the teacher's text, the labelling and the training
+        return {"base": base, "new": mao_new_step(run, learner, base)}
 
 
 def mao_base_step(run, learner):
@@ -568,8 +602,9 @@ def mao_base_step(run, learner):
         parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "cand": len(candidates)}
         return ce + sum(out.losses.values()), parts
     epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # cross-dataset: base step only (A1)
-    train_stage("base", learner, make_loader(run, run.base["train"], batch_sampler=sampler), base_step_loss, epochs,
-                args, device, run.log)
+    with measured(run, "mao_base"):
+        train_stage("base", learner, make_loader(run, run.base["train"], run.decoded["base"], batch_sampler=sampler),
+                    base_step_loss, epochs, args, device, run.log)
     save_prompt(run, learner, "base_prompt.pt", args.subsample, epochs, "base")
     return learner.learned_state()
 
@@ -592,7 +627,7 @@ def mao_new_step(run, learner, base_state):
     if args.pseudo_label_every == "epoch":
         # the teacher is frozen and the views un-augmented, so every epoch would get these same labels
         fixed = labeler.label_dataset(test_loader(run.image_dir, unlabeled, run.test_tf, args.test_batch_size,
-                                                  args.workers), device).to(device)
+                                                  args.workers, run.decoded["new"]), device).to(device)
 
     def new_step_loss(batch):
         images, _, idx = batch  # the label slot holds -1: the images are unlabeled
@@ -606,8 +641,8 @@ def mao_new_step(run, learner, base_state):
         parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": agree}
         return ce + sum(out.losses.values()), parts
     epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
-    train_stage("new", learner, make_loader(run, unlabeled, args.new_batch_size), new_step_loss, epochs, args, device,
-                run.log)
+    train_stage("new", learner, make_loader(run, unlabeled, run.decoded["new"], args.new_batch_size), new_step_loss,
+                epochs, args, device, run.log)
     save_prompt(run, learner, "new_prompt.pt", "new", epochs, "new")
     return learner.learned_state()
 
@@ -623,7 +658,7 @@ def run_dpc(run, learner):
     else:
         train_backbone(run, learner)
     dual = DualPrompt(learner, args.omega_b, args.dpc_param)  # P' = P at the start; P frozen inside
-    views = torch.utils.data.DataLoader(ImageList(run.image_dir, run.base["train"], run.train_tf),
+    views = torch.utils.data.DataLoader(ImageList(run.image_dir, run.base["train"], run.train_tf, run.decoded["base"]),
                                         batch_size=args.test_batch_size, num_workers=args.workers)
     ranking = ImageTextRanking(dual.learner, views, args.topk, device)  # the inner learner still holds P
     sampler = HardNegativeBatchSampler([y for _, y, _ in run.base["train"]], ranking, args.anchors, seed=args.seed,
@@ -634,8 +669,9 @@ def run_dpc(run, learner):
     def dpc_loss(batch):
         images, labels, _ = batch
         return stage2_loss(dual, images.to(device), labels.to(device), bool(args.dpc_backbone_losses))
-    train_stage("dpc", dual, make_loader(run, run.base["train"], batch_sampler=sampler), dpc_loss, args.dpc_epochs,
-                args, device, run.log, lr=args.dpc_lr, aggregate=False)
+    with measured(run, "dpc_stage2"):
+        train_stage("dpc", dual, make_loader(run, run.base["train"], run.decoded["base"], batch_sampler=sampler),
+                    dpc_loss, args.dpc_epochs, args, device, run.log, lr=args.dpc_lr, aggregate=False)
     prompts = decoupled_prompts(dual, args.omega_b, args.omega_n, args.dpc_base_infer)
     learner = new_learner(run, run.base_names)  # the wrapped one is frozen; evaluation loads states into this one
     for name, key in (("parallel_prompt.pt", "parallel"), ("base_prompt.pt", "base"), ("new_prompt.pt", "new")):
@@ -649,6 +685,7 @@ def run_dpc(run, learner):
 # Evaluation: base test with the prompt for base classes, new test with the prompt for new classes, HM
 
 def evaluate_run(run, learner, states, train_seconds):
+    """Base and new (or all-class) test accuracy, HM and the run's cost; results.json and the closing line."""
     args = run.args
 
     def acc(names, state, items, desc):
@@ -666,7 +703,8 @@ def evaluate_run(run, learner, states, train_seconds):
         res["all"] = acc(base_names, states["base"], base_test, "test all")
         if "stage1" in states:
             res["all_stage1"] = acc(base_names, states["stage1"], base_test, "test all (P)")
-        return finish(run, res, f"all classes {res['all']:.2f}")
+        res["line"] = f"all classes {res['all']:.2f}"
+        return res
     res["base"] = acc(base_names, states["base"], base_test, "test base")
     if args.method == "dpc":
         res["new"] = acc(new_names, states["new"], new_test, "test new (omega_n mix)")
@@ -686,13 +724,15 @@ def evaluate_run(run, learner, states, train_seconds):
         line += f" | new with base prompt {res['new_base_prompt']:.2f}"
     if "base_stage1" in res:
         line += f" | stage 1 (P): base {res['base_stage1']:.2f} new {res['new_stage1']:.2f}"
-    return finish(run, res, line)
+    res["line"] = line
+    return res
 
 
-def finish(run, res, line):
+def finish(run, res):
     """Write results.json atomically (its presence marks the run finished for sweep.py) and print the line."""
     args = run.args
-    res["args"] = vars(args)
+    line = res.pop("line")
+    res["cost"], res["args"] = run.cost, vars(args)
     with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
         json.dump(res, f, indent=1)
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
