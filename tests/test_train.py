@@ -212,3 +212,27 @@ def test_official_recipe_runs_and_is_summarized_apart(tmp_path, demo_root, tiny_
     labels = sorted(report._label(r) for r in report.summarize(str(runs))["b2n"] if r["dataset"] != "average")
     tag = f"clip={tiny_clip_path}, epochs=2"
     assert labels == [f"+MAO [{tag}, recipe=official, shots=8, topk=3]", f"+MAO [{tag}, shots=8, topk=3]"]
+
+
+def test_decoding_once_changes_nothing_but_the_cost(tmp_path, demo_root, tiny_clip_path):
+    res = {c: run_train(tmp_path / c, demo_root, tiny_clip_path, "--epochs", "2", "--cache_images", c) for c in "01"}
+    for name in ("base_prompt.pt", "new_prompt.pt"):
+        assert torch.equal(learned(os.path.join(res["0"][1], name))["ctx"], learned(os.path.join(res["1"][1], name))["ctx"])
+    assert res["0"][0]["variant"] == res["1"][0]["variant"]  # a system setting, not a variant
+    cost = res["1"][0]["cost"]
+    assert set(cost) == {"mao_base", "mao_new", "evaluation"} and cost["mao_base"]["texts_grad"] > 0
+
+
+@pytest.mark.parametrize("cache", ["1", "0"])
+def test_a_broken_training_image_stops_the_run_before_anything_is_written(tmp_path, demo_root, tiny_clip_path, cache):
+    import shutil
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_root, root)
+    from data import fewshot_splits, subsample_classes
+    splits, image_dir = fewshot_splits("demo", root, 8, 1)
+    rel = subsample_classes(splits, "base")[0]["train"][5][0]
+    with open(os.path.join(image_dir, rel), "w") as f:
+        f.write("not an image")
+    with pytest.raises(ValueError, match=f"cannot read image .*{rel}"):
+        run_train(tmp_path, root, tiny_clip_path, "--cache_images", cache)
+    assert not os.path.exists(tmp_path / "run")
