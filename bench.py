@@ -705,6 +705,7 @@ def main(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if a.quick:
         a.clip, a.repeats, a.text_repeats, a.data_shots, a.data_images, a.unit_batch = "tiny", 2, 1, 2, 64, 4
+        a.cost_datasets = [d for d in a.cost_datasets if d in ("dtd", "eurosat")] or a.cost_datasets[:1]
     a.infer_batch = a.infer_batch or (100 if device.type == "cuda" else B)
     a.text_sizes = [int(x) for x in a.text_sizes.split(",")] if a.text_sizes else \
         sorted({B, a.base_classes, 500 if not a.quick else 64})
