@@ -321,8 +321,9 @@ def mao_new_cost(args, backbone, Cn, Nn, target):
     epochs = args.epochs - args.epochs // 2
     teacher_image = args.pseudo_labeler == "tuned" and backbone != "coop"  # a prompted teacher encodes itself
     reuse = not teacher_image and backbone in ("coop", "promptsrc")  # the student's frozen image features serve
-    labels = counts(images=Nn) if args.pseudo_label_every == "epoch" else \
-        counts(images=0 if reuse else B * steps * epochs)
+    online = args.pseudo_label_every == "batch" and not reuse
+    labels = counts(images=Nn + (B * steps * epochs if online else 0))  # once on un-augmented views (at least as
+    # the agreement diagnostic), and per batch when online labels need their own image pass
     return add(counts(texts=Cn), labels, target, *[learner_step(backbone, B, Cn, Cn)] * (steps * epochs))
 
 

@@ -36,7 +36,8 @@ from PIL import Image, ImageDraw
 from torchvision import transforms as T
 
 # -----------------------------------------------------------------------------
-# The datasets: folder, image folder, how the split is stored, and the zero-shot template (CoOp's CUSTOM_TEMPLATES)
+# The datasets: folder, image folder, how the split is stored, the zero-shot template (CoOp's CUSTOM_TEMPLATES),
+# and the training crop's scale range where it is not CoOp's RandomResizedCrop(scale=(0.08, 1))
 
 DATASETS = {
     "imagenet":        dict(folder="imagenet", images="images", split="imagenet", template="a photo of a {}."),
@@ -54,7 +55,9 @@ DATASETS = {
     "imagenet_sketch": dict(folder="imagenet-sketch", images="images", split="wnid_folders", template="a photo of a {}."),
     "imagenet_a":      dict(folder="imagenet-adversarial", images="imagenet-a", split="wnid_folders", template="a photo of a {}."),
     "imagenet_r":      dict(folder="imagenet-rendition", images="imagenet-r", split="wnid_folders", template="a photo of a {}."),
-    "demo":            dict(folder="demo", images="images", split="split_demo.json", template="a photo of a {}."),
+    # the toy world's objects fill a fifth to two thirds of a small image: a crop down to 8 % of it would cut them away
+    "demo":            dict(folder="demo", images="images", split="split_demo.json", template="a photo of a {}.",
+                            crop=(0.5, 1.0)),
 }
 ALIASES = {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars", "aircraft": "fgvc_aircraft",
            "food-101": "food101", "caltech": "caltech101", "ucf": "ucf101"}
@@ -293,11 +296,12 @@ def class_index(items, num_classes):
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_transforms(resolution):
-    """(train, test) transforms sized from the loaded model's input resolution (224 for ViT-B/16)."""
+def build_transforms(resolution, crop=(0.08, 1.0)):
+    """(train, test) transforms sized from the loaded model's input resolution (224 for ViT-B/16); crop: the scale
+    range of the training crop (a dataset's "crop" entry in DATASETS, else CoOp's)."""
     norm = T.Normalize(CLIP_MEAN, CLIP_STD)
     bicubic = T.InterpolationMode.BICUBIC
-    train = T.Compose([T.RandomResizedCrop(resolution, scale=(0.08, 1.0), interpolation=bicubic),
+    train = T.Compose([T.RandomResizedCrop(resolution, scale=crop, interpolation=bicubic),
                        T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test = T.Compose([T.Resize(resolution, interpolation=bicubic), T.CenterCrop(resolution), T.ToTensor(), norm])
     return train, test
@@ -371,8 +375,10 @@ def hide_labels(items):
 
 # -----------------------------------------------------------------------------
 # The toy world of the embedded demo: coloured shapes with nameable attributes, and captions describing them.
-# pretrain_clip.py pretrains the small demo CLIP on (image, caption) pairs of this world; make_demo writes a
-# colour x shape classification set from the same world in the CoOp layout, so it runs through the real code.
+# pretrain_clip.py pretrains the small demo CLIP on (image, caption) pairs of this world. make_demo writes the
+# downstream task, a colour x shape classification set in the CoOp layout (so it runs through the real code), seen
+# through a downstream domain that pretraining never saw and its captions never name (render_demo): the shape of
+# the real benchmark, where a learned prompt can fix what the hand-written one gets wrong on the base classes.
 
 COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 25), "yellow": (235, 215, 40), "green": (40, 160, 60),
            "blue": (40, 80, 215), "purple": (135, 55, 185)}
@@ -386,10 +392,20 @@ CAPTIONS = (
     "a {size} {pattern} {colour} {shape} on a {bg} background.", "a {colour} {shape} and a small {colour2} {shape2}.",
     "a photo of a {colour} {shape} next to a {colour2} {shape2}.",
 )
-# the demo's class order: a fixed shuffle of the 36 colour-shape pairs, so that the base half (first 18, CoOp
-# protocol) and the new half both hold every colour and every shape: new classes are unseen *compositions*
-DEMO_CLASSES = [(c, s) for c in COLOURS for s in SHAPES]
-random.Random(2025).shuffle(DEMO_CLASSES)
+# The downstream domain: an out-of-focus camera (every image blurred: 64 px down to 18 px and back) whose palette
+# shifts the warm hues towards their neighbours (80 % of the way to an orange-red, a yellow-orange and a lime). The
+# blur costs both halves accuracy that no text prompt can restore; the palette shift is a text-side mismatch a
+# learned prompt can correct, for the classes it is trained on.
+DEMO_BLUR = 18
+DEMO_PALETTE = {"red": (229, 83, 31), "orange": (239, 176, 33), "yellow": (195, 213, 44)}
+# The class order: the 18 warm-coloured classes first (the base half under the CoOp protocol), the 18 cool-coloured
+# ones after (new), each half in a fixed shuffled order. A prompt fitted to the base classes learns the warm
+# palette's correction, which the new classes do not need (README, 'The embedded demo').
+DEMO_CLASSES = [[(c, s) for c in COLOURS for s in SHAPES if (c in DEMO_PALETTE) == warm] for warm in (True, False)]
+_order = random.Random(2025)
+for _half in DEMO_CLASSES:
+    _order.shuffle(_half)
+DEMO_CLASSES = DEMO_CLASSES[0] + DEMO_CLASSES[1]
 
 
 def sample_scene(rng, colour=None, shape=None):
@@ -426,8 +442,8 @@ def _outline(shape, cx, cy, r, angle):
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
 
 
-def _paint(im, shape, colour, pattern, cx, cy, r, angle, rng):
-    """Draw one object: a mask of the shape, filled with its colour and pattern."""
+def _paint(im, shape, rgb, pattern, cx, cy, r, angle, rng):
+    """Draw one object: a mask of the shape, filled with its colour (rgb) and pattern."""
     size = im.size[0]
     mask = Image.new("L", im.size, 0)
     d = ImageDraw.Draw(mask)
@@ -439,7 +455,7 @@ def _paint(im, shape, colour, pattern, cx, cy, r, angle, rng):
     else:
         d.polygon(_outline(shape, cx, cy, r, angle), fill=255)
     fill = np.empty((size, size, 3), np.float32)
-    fill[:] = COLOURS[colour]
+    fill[:] = rgb
     yy, xx = np.mgrid[0:size, 0:size]
     if pattern == "striped":  # lighter bands, so the colour name still describes the object
         t = rng.uniform(0, math.pi)
@@ -451,7 +467,7 @@ def _paint(im, shape, colour, pattern, cx, cy, r, angle, rng):
     im.paste(Image.fromarray(fill.astype(np.uint8)), (0, 0), mask)
 
 
-def render(scene, size=64):
+def render(scene, size=64, colours=COLOURS):
     """The image of a scene: deterministic given the scene (its seed drives placement and noise)."""
     rng = random.Random(scene["seed"])
     lo, hi = BACKGROUNDS[scene["bg"]]
@@ -464,15 +480,21 @@ def render(scene, size=64):
         r2 = r * rng.uniform(0.45, 0.6)
         x2 = r2 if cx > size / 2 else size - r2
         y2 = r2 if cy > size / 2 else size - r2
-        _paint(im, scene["shape2"], scene["colour2"], "plain", x2, y2, r2, rng.uniform(-20, 20), rng)
-    _paint(im, scene["shape"], scene["colour"], scene["pattern"], cx, cy, r, scene["angle"], rng)
+        _paint(im, scene["shape2"], colours[scene["colour2"]], "plain", x2, y2, r2, rng.uniform(-20, 20), rng)
+    _paint(im, scene["shape"], colours[scene["colour"]], scene["pattern"], cx, cy, r, scene["angle"], rng)
     a = np.asarray(im, np.float32) + np.random.default_rng(scene["seed"]).normal(0, 6, (size, size, 3))
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
+def render_demo(scene, size=64):
+    """A scene as the downstream domain shows it: the shifted palette, then the blur."""
+    im = render(scene, size, dict(COLOURS, **DEMO_PALETTE))
+    return im.resize((DEMO_BLUR, DEMO_BLUR), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+
+
 def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
-    """Write root/demo/: the first num_classes of DEMO_CLASSES (36: 'red circle' ... 'purple ring'), 64x64 PNGs of
-    the toy world, and split_demo.json in the CoOp format. The images are not the ones the demo CLIP saw."""
+    """Write root/demo/: the first num_classes of DEMO_CLASSES (warm classes first), 64x64 PNGs of the downstream
+    domain, and split_demo.json in the CoOp format. The scenes are not the ones the demo CLIP saw."""
     ddir = os.path.join(root, "demo")
     rng = random.Random(10_000 + seed)  # pretrain_clip.py draws its scenes from other seeds
     splits = {"train": [], "val": [], "test": []}
@@ -483,7 +505,7 @@ def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             for k in range(n):
                 rel = f"{name}/{split}_{k:03d}.png"
-                render(sample_scene(rng, c, s)).save(os.path.join(tmp, "images", rel))
+                render_demo(sample_scene(rng, c, s)).save(os.path.join(tmp, "images", rel))
                 splits[split].append([rel, y, f"{c} {s}"])
     with open(os.path.join(tmp, "split_demo.json"), "w") as f:
         json.dump(splits, f, indent=1)

@@ -202,6 +202,15 @@ def _seed_cell(r):
     return ",".join(map(str, r["seeds"])) + (f" (missing {','.join(map(str, r['missing']))})" if r["missing"] else "")
 
 
+def _time_cell(r, rows):
+    """Mean training seconds per run, and the ratio to the same backbone alone on the same dataset (paper setting)."""
+    if r["seconds"] is None:
+        return "–"
+    alone = next((x for x in rows if (x["backbone"], x["method"], x["variant"], x["dataset"])
+                  == (r["backbone"], "none", "", r["dataset"]) and x["seconds"]), None)
+    return f"{r['seconds']:.1f}" + (f" ({r['seconds'] / alone['seconds']:.2f}x)" if alone and r is not alone else "")
+
+
 def table1_markdown(rows):
     out = ["## Table 1: base-to-new generalisation",
            "Mean ± sample std over seeds; HM of the mean base and new. Average: mean base and new over the datasets, "
@@ -209,8 +218,8 @@ def table1_markdown(rows):
            "for --baseline_recipe published, the backbone papers' averages. Δ = ours − paper."]
     for bb in sorted({r["backbone"] for r in rows}, key=lambda b: _order((b, "", "", ""))):
         out += ["", f"### {NAMES.get(bb, bb)}", "",
-                "| dataset | method | base | new | HM | paper B / N / H | Δ B / N / H | seeds |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| dataset | method | base | new | HM | paper B / N / H | Δ B / N / H | train s (x alone) | seeds |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in [r for r in rows if r["backbone"] == bb and not (r["dataset"] == "average" and len(r["datasets"]) < 2)]:
             if r["dataset"] == "average":
                 n = len(r["datasets"])
@@ -224,7 +233,7 @@ def table1_markdown(rows):
             paper = "–" if p is None else " / ".join(f"{x:.2f}" for x in p) + (" †" if r["paper_note"].startswith("paper's") else "")
             delta = "–" if p is None else " / ".join(f"{o - x:+.2f}" for o, x in zip((r["base"], r["new"], r["hm"]), p))
             out.append(f"| {ds} | {_label(r)} | {_pm(r['base'], r['base_std'])} | {_pm(r['new'], r['new_std'])} | "
-                       f"{r['hm']:.2f} | {paper} | {delta} | {seeds} |")
+                       f"{r['hm']:.2f} | {paper} | {delta} | {_time_cell(r, rows)} | {seeds} |")
     if any(r["paper_note"].startswith("paper's") for r in rows):
         out += ["", "† the paper's per-dataset numbers averaged over the same datasets as ours (not all 11 were run)."]
     return "\n".join(out)

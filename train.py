@@ -483,7 +483,8 @@ def build_model(run):
     args, device = run.args, run.device
     run.model = load_clip(args.clip, device, args.precision, cache_dir=args.root)
     run.counter, run.cost = EncodeCounter(run.model), {}
-    run.train_tf, run.test_tf = build_transforms(run.model.visual.input_resolution)
+    run.train_tf, run.test_tf = build_transforms(run.model.visual.input_resolution,
+                                                 DATASETS[args.dataset].get("crop", (0.08, 1.0)))
     layers = min(len(run.model.transformer.resblocks), len(run.model.visual.transformer.resblocks))
     if args.backbone in ("maple", "ivlp", "promptsrc") and args.depth > layers:
         print(f"--depth {args.depth} exceeds the {layers} layers of this CLIP: prompting all {layers}")
@@ -623,11 +624,12 @@ def mao_new_step(run, learner, base_state):
     labeler = PseudoLabeler(teacher)
     unlabeled = hide_labels(run.new["train"])  # the training loop never sees new-class labels
     hidden = torch.tensor([y for _, y, _ in run.new["train"]])  # kept aside for the agreement diagnostic only
-    fixed = None
-    if args.pseudo_label_every == "epoch":
-        # the teacher is frozen and the views un-augmented, so every epoch would get these same labels
-        fixed = labeler.label_dataset(test_loader(run.image_dir, unlabeled, run.test_tf, args.test_batch_size,
-                                                  args.workers, run.decoded["new"]), device).to(device)
+    # the teacher is frozen, so the un-augmented views get the same labels whenever asked: labelled once per run.
+    # They train the step with --pseudo_label_every epoch; either way their agreement is recorded
+    once = labeler.label_dataset(test_loader(run.image_dir, unlabeled, run.test_tf, args.test_batch_size,
+                                             args.workers, run.decoded["new"]), device)
+    fixed = once.to(device) if args.pseudo_label_every == "epoch" else None
+    hits = []  # diagnostic only, never part of the loss: the labels the step trained on, against the hidden ones
 
     def new_step_loss(batch):
         images, _, idx = batch  # the label slot holds -1: the images are unlabeled
@@ -636,13 +638,18 @@ def mao_new_step(run, learner, base_state):
         with torch.no_grad():
             pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. 7
         ce = pseudo_label_loss(out.logits, pseudo)  # Eq. 8
-        # diagnostic only, never part of the loss: how often the pseudo-label equals the hidden true label
-        agree = (pseudo.cpu() == hidden[idx]).float().mean().item()
-        parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": agree}
+        hits.append(pseudo.cpu() == hidden[idx])
+        parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": hits[-1].float().mean().item()}
         return ce + sum(out.losses.values()), parts
     epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
     train_stage("new", learner, make_loader(run, unlabeled, run.decoded["new"], args.new_batch_size), new_step_loss,
                 epochs, args, device, run.log)
+    run.pseudo_labels = {"once_unaugmented": 100 * (once == hidden).float().mean().item(),
+                         "used_in_training": 100 * torch.cat(hits).float().mean().item() if hits else None,
+                         "mode": args.pseudo_label_every}
+    run.log(f"pseudo-labels agree with the hidden labels: {run.pseudo_labels['used_in_training']:.1f} % of those "
+            f"trained on ({'online, augmented views' if fixed is None else 'once, un-augmented views'}), "
+            f"{run.pseudo_labels['once_unaugmented']:.1f} % on un-augmented views")
     save_prompt(run, learner, "new_prompt.pt", "new", epochs, "new")
     return learner.learned_state()
 
@@ -733,6 +740,8 @@ def finish(run, res):
     args = run.args
     line = res.pop("line")
     res["cost"], res["args"] = run.cost, vars(args)
+    if getattr(run, "pseudo_labels", None):
+        res["pseudo_labels"] = run.pseudo_labels
     with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
         json.dump(res, f, indent=1)
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))

@@ -68,3 +68,21 @@ def test_demo_command_end_to_end(tmp_path, demo_root):
     # (no --clip: the default for the demo is the shipped checkpoint)
     assert res["args"]["clip"] == DEMO_CLIP and res["toy_model"] is False
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
+
+
+def test_the_frozen_downstream_world():
+    """The design the README reports: warm classes are the base half, cool ones the new half; the downstream domain
+    shifts only the warm palette and blurs every image; the demo's training crop is declared with the dataset."""
+    import random
+    from data import COLOURS, DATASETS, DEMO_CLASSES, DEMO_PALETTE, render, render_demo, sample_scene
+    assert len(DEMO_CLASSES) == 36 == len(set(DEMO_CLASSES))
+    assert {c for c, _ in DEMO_CLASSES[:18]} == set(DEMO_PALETTE) == {"red", "orange", "yellow"}
+    assert {c for c, _ in DEMO_CLASSES[18:]} == {"green", "blue", "purple"}
+    assert DATASETS["demo"]["crop"] == (0.5, 1.0) and "crop" not in DATASETS["dtd"]  # real data keep CoOp's crop
+    scene = sample_scene(random.Random(0), "blue", "ring")
+    scene.pop("colour2", None)
+    sharp = render(scene)
+    assert render_demo(scene).tobytes() == sharp.resize((18, 18), 2).resize((64, 64), 2).tobytes()  # blur only
+    warm = sample_scene(random.Random(0), "red", "ring")
+    warm.pop("colour2", None)
+    assert render(warm, colours=dict(COLOURS, **DEMO_PALETTE)).tobytes() != render(warm).tobytes()
