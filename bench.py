@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_prompt import CoOp, IVLP, ZeroShotCLIP, build_learner, build_tiny_clip, clip_logits, convert_weights, load_clip
+from clip_prompt import (CoOp, EncodeCounter, IVLP, ZeroShotCLIP, build_learner, build_tiny_clip, class_logits,
+                         class_texts, convert_weights, load_clip)
 from data import ImageList, build_transforms, decode_all
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
@@ -247,7 +248,9 @@ def unit_costs(model, a, device, log):
 # Part 3, run_cost: every encoding of one run, phase by phase, known before it runs
 
 VISION_PROMPTED = {"maple", "ivlp", "promptsrc"}  # a prompted image encoder: images get a backward pass too
-PROMPTSRC_TEMPLATES = 60  # PromptSRC's frozen text targets: 60 templates per class, once per list of class names
+PER_IMAGE_TEXT = {"cocoop"}  # class texts depend on the image: B images against C' classes encode B x C' sequences
+ALL_CLASS_TEXT = {"promptsrc", "kgcoop"}  # their own losses need every class's text on every training step
+TEXT_TARGETS = {"promptsrc": 60, "kgcoop": 1}  # frozen text targets per class, once per list of class names
 
 
 def counts(images=0, images_grad=0, texts=0, texts_grad=0):
@@ -260,9 +263,14 @@ def add(*cs):
 
 def learner_step(backbone, B, H, C):
     """One training forward of a learner: B images scored against H requested classes out of C."""
-    texts = C if backbone == "promptsrc" else H  # PromptSRC's text and KL terms need every class
+    texts = B * H if backbone in PER_IMAGE_TEXT else C if backbone in ALL_CLASS_TEXT else H
     frozen = B if backbone == "promptsrc" else 0  # its frozen image pass (targets of its image and KL terms)
     return counts(B + frozen, B if backbone in VISION_PROMPTED else 0, texts, texts)
+
+
+def scoring(backbone, n_images, C):
+    """n images scored against all C classes without gradients: class texts once, or per image (CoCoOp)."""
+    return counts(images=n_images, texts=n_images * C if backbone in PER_IMAGE_TEXT else C)
 
 
 def steps_of_loader(n_items, batch_size):
@@ -295,7 +303,7 @@ def run_cost(dataset, backbone, method, table, sizes=None, extra=()):
     n, Tb, Tn = sizes or DATASET_SIZES[args.dataset]
     Cb, Cn = (n + 1) // 2, n // 2
     Nb, Nn = args.shots * Cb, args.new_shots * Cn
-    target = lambda C: counts(texts=PROMPTSRC_TEMPLATES * C) if backbone == "promptsrc" else counts()
+    target = lambda C: counts(texts=TEXT_TARGETS.get(backbone, 0) * C)
     phases = {}
     if backbone != "zsclip" and method in ("none", "dpc"):  # the backbone alone (DPC's stage 1)
         B, steps = steps_of_loader(Nb, args.batch_size)
@@ -305,13 +313,13 @@ def run_cost(dataset, backbone, method, table, sizes=None, extra=()):
         phases["mao_base"] = add(target(Cb), *[learner_step(backbone, B, H, Cb) for B, H in base])
         phases["mao_new"] = mao_new_cost(args, backbone, Cn, Nn, target(Cn))
     if method == "dpc":
-        rank = counts(images=Nb, texts=Cb)  # each epoch: every training image and every class text, no gradients
+        rank = scoring(backbone, Nb, Cb)  # each epoch: every training image against every class, no gradients
         stage2 = sampler_batches(args, Cb, args.shots, table, args.dpc_epochs, dpc=True)
         phases["dpc_stage2"] = add(*[rank] * args.dpc_epochs, *[learner_step(backbone, B, B, Cb) for B, _ in stage2])
     twice_new = method == "mao" or (method == "dpc" and args.omega_n != 0)  # a second pass over the new test set
     twice_base = method == "dpc"  # DPC also scores the base classes with P alone
-    phases["evaluation"] = counts(images=Tb * (1 + twice_base) + Tn * (1 + twice_new),
-                                  texts=Cb * (1 + twice_base) + Cn * (1 + twice_new))
+    phases["evaluation"] = add(*[scoring(backbone, Tb, Cb)] * (1 + twice_base),
+                               *[scoring(backbone, Tn, Cn)] * (1 + twice_new))
     return phases
 
 
@@ -319,12 +327,17 @@ def mao_new_cost(args, backbone, Cn, Nn, target):
     """The new step: the teacher's text once, pseudo-labels (online, or once on the unlabeled set), training."""
     B, steps = steps_of_loader(Nn, args.new_batch_size)
     epochs = args.epochs - args.epochs // 2
-    teacher_image = args.pseudo_labeler == "tuned" and backbone != "coop"  # a prompted teacher encodes itself
-    reuse = not teacher_image and backbone in ("coop", "promptsrc")  # the student's frozen image features serve
-    online = args.pseudo_label_every == "batch" and not reuse
-    labels = counts(images=Nn + (B * steps * epochs if online else 0))  # once on un-augmented views (at least as
-    # the agreement diagnostic), and per batch when online labels need their own image pass
-    return add(counts(texts=Cn), labels, target, *[learner_step(backbone, B, Cn, Cn)] * (steps * epochs))
+    tuned = args.pseudo_labeler == "tuned"
+    per_image = tuned and backbone in PER_IMAGE_TEXT  # such a teacher scores each image with its own forward
+    plain_teacher = not tuned or backbone not in VISION_PROMPTED  # the teacher's image encoder is frozen CLIP's
+    hands_over = backbone not in VISION_PROMPTED or backbone == "promptsrc"  # the student's frozen CLIP features
+    online = args.pseudo_label_every == "batch" and (per_image or not (plain_teacher and hands_over))
+    label = lambda n: counts(images=n, texts=n * Cn) if per_image else counts(images=n)
+    # labelled once on un-augmented views (at least as the agreement diagnostic), and per batch when online
+    # labels need their own image pass
+    labels = add(label(Nn), label(B * steps * epochs) if online else counts())
+    return add(counts() if per_image else counts(texts=Cn), labels, target,
+               *[learner_step(backbone, B, Cn, Cn)] * (steps * epochs))
 
 
 def seconds(c, units):
@@ -393,7 +406,8 @@ def step_lines(backbone, model, a, device):
     dtype = next(model.parameters()).dtype
     images = torch.randn(B, 3, R, R, generator=g).to(device, dtype)
     labels = torch.randperm(a.base_classes, generator=g)[:B].to(device)  # a hard-negative batch: distinct classes
-    kw.update(text_weight=cfg.get("text_weight", 25.0), image_weight=cfg.get("image_weight", 10.0))
+    kw.update(text_weight=cfg.get("text_weight", 25.0), image_weight=cfg.get("image_weight", 10.0),
+              kg_weight=cfg.get("kg_weight", 8.0))
     learner = build_learner(backbone, model, base_names, **kw)
     params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     opt = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
@@ -437,8 +451,7 @@ def step_lines(backbone, model, a, device):
     @torch.no_grad()
     def infer():
         learner.eval()
-        text = learner.encode_text()
-        clip_logits(model, learner.encode_image(infer_images), text).argmax(-1)
+        class_logits(learner, infer_images, class_texts(learner)).argmax(-1)
         learner.train()
 
     nb = torch.stack([torch.randperm(a.base_classes, generator=g)[:a.topk] for _ in range(a.base_classes)])
@@ -473,8 +486,11 @@ def bench_backbone(backbone, model, a, device, log):
     res = dict(backbone=backbone, learnable_params=info["params"], images_per_step=B, lines={})
     for k in ("plain", "base", "new", "new_once"):
         extra = peak_bytes(lines[k], device)
+        counter = EncodeCounter(model)  # what one step encodes, counted on a separate, untimed step
+        lines[k]()
+        counter.remove()
         res["lines"][k] = dict(step_s=stats(times[k]), image_ms=stats([1e3 * t / B for t in times[k]]),
-                               peak_extra_mb=extra / 2**20, peak_mb=(live + extra) / 2**20)
+                               peak_extra_mb=extra / 2**20, peak_mb=(live + extra) / 2**20, encodings=counter.counts)
         if k != "plain":
             res["lines"][k]["ratio_time"] = stats([t / p for t, p in zip(times[k], times["plain"])])
             res["lines"][k]["ratio_memory"] = (live + extra) / (live + peak_bytes(lines["plain"], device))
@@ -586,9 +602,9 @@ def md_steps(res):
     rows = [f"**One step at equal images per step** ({h['dataset']}: C_b={h['base_classes']}, C_n={h['new_classes']}, "
             f"b={h['anchors']}, K={h['topk']}, {h['images_per_step']} images per step, {h['repeats']} runs after a "
             f"warm-up; memory: {h['memory_note']}):", "",
-            "| backbone | line | learnable params | peak memory MB (step's own) | time per step s, median (min-max) "
-            "| per image ms | MAO / plain time, median (min-max) | MAO / plain memory |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| backbone | line | learnable params | text sequences per step (with backward) | peak memory MB (step's own) "
+            "| time per step s, median (min-max) | per image ms | MAO / plain time, median (min-max) | MAO / plain memory |",
+            "|---|---|---|---|---|---|---|---|---|"]
     names = dict(plain="plain backbone step", base="MAO base step", new="MAO new step, online pseudo-labels",
                  new_once=f"MAO new step, labels once per run (amortised over {h['new_epochs']} epochs)")
     for r in res["backbones"]:
@@ -596,13 +612,14 @@ def md_steps(res):
             L = r["lines"][k]
             ratio = fmt_stats(L["ratio_time"]) + "x" if k != "plain" else "1"
             mem = f"{L['ratio_memory']:.3f}x" if k != "plain" else "1"
-            rows.append(f"| {r['backbone']} | {names[k]} | {r['learnable_params']:,} | {L['peak_mb']:.1f} "
-                        f"({L['peak_extra_mb']:.1f}) | {fmt_stats(L['step_s'])} | {L['image_ms']['median']:.4g} "
-                        f"| {ratio} | {mem} |")
+            e = L["encodings"]
+            rows.append(f"| {r['backbone']} | {names[k]} | {r['learnable_params']:,} | {e['texts']} ({e['texts_grad']}) "
+                        f"| {L['peak_mb']:.1f} ({L['peak_extra_mb']:.1f}) | {fmt_stats(L['step_s'])} | "
+                        f"{L['image_ms']['median']:.4g} | {ratio} | {mem} |")
         s, i = r["lines"]["sampler"], r["lines"]["infer"]
-        rows.append(f"| {r['backbone']} | sampler, one batch | - | - | {s['batch_s']['median']:.3g} | - "
+        rows.append(f"| {r['backbone']} | sampler, one batch | - | - | - | {s['batch_s']['median']:.3g} | - "
                     f"| {100 * s['share_of_base_step']['median']:.2g}% of a base step | - |")
-        rows.append(f"| {r['backbone']} | inference (batch {i['batch']}) | same | - | - | "
+        rows.append(f"| {r['backbone']} | inference (batch {i['batch']}) | same | - | - | - | "
                     f"{1e3 / i['images_per_s']['median']:.4g} | {i['images_per_s']['median']:.1f} images/s, "
                     f"same network with MAO | - |")
     if res.get("text_encoder_s"):

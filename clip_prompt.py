@@ -1,4 +1,4 @@
-"""Frozen CLIP and the prompt learners that sit on it: zero-shot CLIP and CoOp.
+"""Frozen CLIP and the prompt learners that sit on it: zero-shot CLIP, CoOp, IVLP, PromptSRC, MaPLe, CoCoOp, KgCoOp.
 
 CLIP (Radford et al., 2021) is used as openai/CLIP ships it: loaded with `clip.load`, never forked or patched.
 The text and image encoders below re-run CLIP's own submodules (token embedding, resblocks, ln_final, ...) from
@@ -15,16 +15,17 @@ protocol, M = 4 initialised from the embeddings of "a photo of a", so before tra
 with the template "a photo of a {}." exactly (tests/test_clip_prompt.py checks this).
 
 Every learner has the same small interface, and nothing here knows about MAO or DPC (it imports nothing from
-sampler.py, losses.py, pseudolabel.py or dpc.py):
+sampler.py, losses.py, pseudolabel.py or dpc.py); docs/learners.md is the contract in full:
     learner(images, class_ids) -> Output(logits, frozen_image_features, losses)  # losses: its own extra terms
-    learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features
+    learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features (text_per_image: no)
     learner.set_classnames(names)                                  # re-target, keeping learned tensors
     learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
+    learner.prompt_names, frozen_image_encoder, text_per_image     # what DPC duplicates; what may be shared
 """
 import copy
 import os
 import warnings
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 
 import torch
 
@@ -183,6 +184,19 @@ def clip_logits(model, image_features, text_features):
     return model.logit_scale.exp().float() * image_features @ text_features.t()  # Eq. (3)
 
 
+def class_texts(learner):
+    """The learner's class text features (C, E), encoded once for a pass over many images; None when they depend on
+    the image (text_per_image, CoCoOp), and class_logits then runs the learner's own forward per batch."""
+    return None if learner.text_per_image else learner.encode_text()
+
+
+def class_logits(learner, images, texts=None):
+    """Logits (B, C) over all the learner's classes for a batch, from class_texts(learner) when given."""
+    if texts is None:
+        return learner(images).logits
+    return clip_logits(learner.clip, learner.encode_image(images), texts)
+
+
 def zero_shot_text_features(model, classnames, template="a photo of a {}."):
     """Normalised text features of frozen CLIP for template.format(name) (name with '_' -> ' '). (C, E)"""
     device = model.token_embedding.weight.device
@@ -196,7 +210,7 @@ def zero_shot_text_features(model, classnames, template="a photo of a {}."):
 
 class ZeroShotCLIP(nn.Module):
     """Frozen CLIP with one hand-crafted template per dataset (CoOp's CUSTOM_TEMPLATES). Nothing to learn."""
-    frozen_image_encoder = True
+    frozen_image_encoder, text_per_image = True, False
 
     def __init__(self, model, classnames, template="a photo of a {}."):
         super().__init__()
@@ -231,6 +245,8 @@ class ZeroShotCLIP(nn.Module):
 class CoOp(nn.Module):
     """CoOp prompt learner. Learnable tensors are fp32 and cast to CLIP's dtype where they enter the sequence."""
     frozen_image_encoder = True  # image features are plain CLIP's, so others may reuse them
+    text_per_image = False  # one set of class text features serves every image (encode_text)
+    prompt_names = None  # the tensors DPC duplicates as its parallel prompt: None = every learnable tensor
 
     def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", keep_phrase=False):
         super().__init__()
@@ -433,12 +449,79 @@ class MaPLe(CoOp):
         return self.proj(self.ctx), deep
 
 
-BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp")
+# -----------------------------------------------------------------------------
+# CoCoOp: the context shifted per image by a meta-net of the image's feature (CoCoOp §3.2, arXiv 2203.05557)
+
+class CoCoOp(CoOp):
+    """ctx_i = ctx + pi(f(x_i)), pi = Linear(E, E/16) -> ReLU -> Linear(E/16, D) of each image's normalised, frozen
+    CLIP feature: every image has its own prompt and its own class text features, so B images against C' classes
+    encode B x C' token sequences, one image at a time as released (memory stays that of C' sequences)."""
+    text_per_image = True
+    prompt_names = ("ctx",)  # DPC duplicates the context; the meta-net trains directly
+
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a"):
+        super().__init__(model, classnames, n_ctx, ctx_init)
+        E, D = model.visual.output_dim, model.ln_final.weight.shape[0]
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(E, E // 16)), ("relu", nn.ReLU(inplace=True)),
+                                                   ("linear2", nn.Linear(E // 16, D))]))
+
+    def encode_text(self, class_ids=None):
+        raise NotImplementedError("CoCoOp's class texts depend on the image: use its forward (clip_prompt.class_logits)")
+
+    def forward(self, images, class_ids=None):
+        img = self.encode_image(images)  # (B, E), plain CLIP
+        pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
+        if class_ids is not None:
+            pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
+        shifted = (self.ctx.unsqueeze(0) + self.meta_net(img).unsqueeze(1)).to(pre.dtype)  # (B, M, D): ctx_i
+        logits = []
+        for f, ctx in zip(img, shifted):  # one image at a time: (E,), (M, D)
+            x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], dim=1)  # (C', 77, D)
+            txt = F.normalize(encode_token_embeddings(self.clip, x, eot).float(), dim=-1)  # (C', E)
+            logits.append(clip_logits(self.clip, f, txt))  # (C',)
+        return Output(torch.stack(logits), img.detach(), {})
+
+
+# -----------------------------------------------------------------------------
+# KgCoOp: CoOp plus a loss that keeps the learned class texts near the hand-crafted ones (KgCoOp §3, arXiv 2303.13283)
+
+KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}  # its dataset templates: CoOp's but DTD's
+
+
+class KgCoOp(CoOp):
+    """Its own extra loss L_kg = w (1 - mean_c cos(g_c, g0_c)), w = 8: every class's learned text feature g_c is kept
+    near frozen CLIP's g0_c for the dataset's hand-crafted template. It needs every class's text on every training
+    step, so under MAO it encodes them all and keeps the candidates' logits (as PromptSRC does)."""
+
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.",
+                 kg_weight=8.0):
+        super().__init__(model, classnames, n_ctx, ctx_init)
+        self.template, self.kg_weight = KGCOOP_TEMPLATES.get(template, template), kg_weight
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        self._target = None  # g0, built on first training use for these class names
+
+    def forward(self, images, class_ids=None):
+        img = self.encode_image(images)  # (B, E)
+        txt = self.encode_text()  # (C, E)
+        logits = clip_logits(self.clip, img, txt)
+        logits = logits if class_ids is None else logits[:, class_ids]
+        if not self.training:
+            return Output(logits, img.detach(), {})
+        if self._target is None:
+            self._target = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E), normalised
+        cos = F.cosine_similarity(txt, F.normalize(self._target, dim=-1), dim=1, eps=1e-7)  # released: normalised twice
+        return Output(logits, img.detach(), {"kg": self.kg_weight * (1.0 - cos.mean())})
+
+
+BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop")
 
 
 def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.",
-                  n_vis=4, depth=9, text_weight=25.0, image_weight=10.0):
-    """The prompt learner for a backbone name, on the device of the frozen CLIP."""
+                  n_vis=4, depth=9, text_weight=25.0, image_weight=10.0, kg_weight=8.0):
+    """The prompt learner for a backbone name, on the device of the frozen CLIP. template: the dataset's hand-crafted
+    prompt (zero-shot CLIP's, and KgCoOp's frozen text targets)."""
     device = model.token_embedding.weight.device
     if backbone == "zsclip":
         return ZeroShotCLIP(model, classnames, template).to(device)
@@ -450,4 +533,8 @@ def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a",
         return PromptSRC(model, classnames, n_ctx, ctx_init, n_vis, depth, depth, text_weight, image_weight).to(device)
     if backbone == "maple":
         return MaPLe(model, classnames, n_ctx, ctx_init, depth).to(device)
+    if backbone == "cocoop":
+        return CoCoOp(model, classnames, n_ctx, ctx_init).to(device)
+    if backbone == "kgcoop":
+        return KgCoOp(model, classnames, n_ctx, ctx_init, template, kg_weight).to(device)
     raise ValueError(f"unknown backbone '{backbone}'. Choose one of: {', '.join(BACKBONES)}")

@@ -9,15 +9,17 @@ P (train.py). Stage 2, this file, in the paper's order:
   3. L_CL                    symmetric image<->text contrastive loss over the batch (DPC §3.2)      symmetric_contrastive_loss
   4. weighting-decoupling    base classes with omega_b P' + (1 - omega_b) P, new classes with      decoupled_prompts
                              omega_n P' + (1 - omega_n) P (omega_n -> 0: exactly the backbone)
-"Prompt" means every learnable tensor of the learner (CoOp's context; MaPLe's prompts and couplings; ...). The
-summary of the paper we have gives no equation numbers, so its parts are cited by name and section. Where the
-released code (JREion/DPC) differs from the paper: METHODS.md B9; each difference is a flag of train.py.
+"Prompt" means the tensors a learner lists in prompt_names (typically its context), or every learnable tensor when
+it lists none (MaPLe's prompts and couplings, ...). Its other learnable tensors (an image-conditioning network, say)
+train directly in stage 2, as the released PromptKD+DPC trains its tensors that are not context; base classes use
+their trained values, new classes stage 1's. The summary of the paper we have gives no equation numbers, so its parts are cited by name and
+section. Where the released code (JREion/DPC) differs from the paper: docs/deviations.md; each difference is a flag.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_prompt import clip_logits
+from clip_prompt import class_logits, class_texts
 
 # -----------------------------------------------------------------------------
 # 1. The parallel prompt P' beside the frozen P (DPC §3.1; METHODS.md B2)
@@ -43,6 +45,7 @@ class DualPrompt(nn.Module):
         if param == "released" and not 0 < omega_b <= 1:
             raise ValueError(f"--dpc_param released divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
         self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
+        self.prompt = [n for n in self.names if learner.prompt_names is None or n in learner.prompt_names]
         self.omega_b, self.param = omega_b, param
         own = dict(learner.named_parameters())
         for n in self.names:
@@ -55,19 +58,23 @@ class DualPrompt(nn.Module):
         return name.replace(".", "__")  # ParameterDict keys may not hold dots
 
     def frozen_prompt(self):
+        """Stage 1's learned state: P, and the other tensors as stage 1 left them."""
         return {n: getattr(self, "P__" + self._key(n)) for n in self.names}
 
     def parallel_prompt(self):
-        """P' as the forward uses it (differentiable)."""
+        """The learner's tensors as the stage-2 forward uses them (differentiable): P' and the others."""
         M, w = {n: self.stored[self._key(n)] for n in self.names}, self.omega_b
-        if self.param == "direct":
-            return M
-        return {n: (M[n] - (1 - w) * M[n].detach()) / w for n in self.names}  # F^-1(M) with P aliasing M
+        if self.param == "released":
+            M.update({n: (M[n] - (1 - w) * M[n].detach()) / w for n in self.prompt})  # F^-1(M) with P aliasing M
+        return M
 
-    def mix(self, omega):
-        """omega P' + (1 - omega) P, detached, on the CPU: a learned state for learner.load_learned."""
+    def mix(self, omega, others="trained"):
+        """omega P' + (1 - omega) P for the prompt, the other tensors as trained in stage 2 (or as stage 1 left them:
+        others='stage1'); detached, on the CPU: a learned state for learner.load_learned."""
         P, Q = self.frozen_prompt(), self.parallel_prompt()
-        return {n: (omega * Q[n] + (1 - omega) * P[n]).detach().cpu().clone() for n in self.names}
+        out = {n: omega * Q[n] + (1 - omega) * P[n] if n in self.prompt else Q[n] if others == "trained" else P[n]
+               for n in self.names}
+        return {n: v.detach().cpu().clone() for n, v in out.items()}
 
     def forward(self, images, class_ids=None):
         return torch.func.functional_call(self.learner, self.parallel_prompt(), (images, class_ids), strict=False)
@@ -97,10 +104,10 @@ def image_text_neighbours(learner, loader, K, device):
     """
     was_training = learner.training
     learner.eval()
-    text = learner.encode_text()  # (C, E), once
+    texts = class_texts(learner)  # (C, E), once (None: the learner's texts depend on the image)
     table = torch.empty(len(loader.dataset), K, dtype=torch.long)
     for images, _, idx in loader:
-        logits = clip_logits(learner.clip, learner.encode_image(images.to(device)), text)  # (B, C)
+        logits = class_logits(learner, images.to(device), texts)  # (B, C)
         table[idx] = logits.topk(K, dim=1).indices.cpu()
     learner.train(was_training)
     return table
@@ -148,8 +155,9 @@ def decoupled_prompts(dual, omega_b, omega_n, base_infer="mixed"):
     """{'parallel': P', 'base': the prompt for base classes, 'new': the prompt for new classes} as learned states.
 
     base = omega_b P' + (1 - omega_b) P (paper), or P' alone (base_infer='parallel', the released code);
-    new = omega_n P' + (1 - omega_n) P, exactly P at omega_n = 0: new classes keep the backbone's accuracy.
+    new = omega_n P' + (1 - omega_n) P with the other tensors at stage 1's values, exactly stage 1 at omega_n = 0:
+    new classes keep the backbone's accuracy.
     """
     parallel = dual.mix(1.0)
     base = parallel if base_infer == "parallel" else dual.mix(omega_b)
-    return {"parallel": parallel, "base": base, "new": dual.mix(omega_n)}
+    return {"parallel": parallel, "base": base, "new": dual.mix(omega_n, others="stage1")}

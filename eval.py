@@ -34,11 +34,11 @@ def harmonic_mean(base, new):
 def accuracy(learner, loader, device, desc="eval"):
     """Top-1 accuracy in % over a loader of (image, label, index); text features are computed once."""
     learner.eval()
-    from clip_prompt import clip_logits
-    text = learner.encode_text()  # (C, E): independent of the image, so once per evaluation
+    from clip_prompt import class_logits, class_texts
+    texts = class_texts(learner)  # (C, E) once per evaluation, unless the learner's texts depend on the image
     correct = total = 0
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        logits = clip_logits(learner.clip, learner.encode_image(images.to(device)), text)  # (B, C)
+        logits = class_logits(learner, images.to(device), texts)  # (B, C)
         correct += (logits.argmax(-1).cpu() == labels).sum().item()
         total += len(labels)
     return 100.0 * correct / max(total, 1)

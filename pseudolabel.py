@@ -8,11 +8,12 @@ they are reused: "shared-parameter CLIP", no second image forward.
 """
 import torch
 
+from clip_prompt import class_texts
 
-def assign_pseudo_labels(image_features, text_features, logit_scale=100.0):
-    """t^_n = argmax_{c in C_n} softmax(<f(i_n), g(c)> / tau) -- Eq. (7). Features (B, E), (N, E) normalised."""
-    probs = (logit_scale * image_features @ text_features.t()).softmax(dim=-1)  # (B, N)
-    return probs.argmax(dim=-1)  # Eq. (7)
+
+def assign_pseudo_labels(logits):
+    """t^_n = argmax_{c in C_n} softmax(<f(i_n), g(c)> / tau) -- Eq. (7), from the teacher's logits (B, N)."""
+    return logits.softmax(dim=-1).argmax(dim=-1)  # Eq. (7)
 
 
 class PseudoLabeler:
@@ -21,17 +22,19 @@ class PseudoLabeler:
     def __init__(self, teacher):
         self.teacher = teacher.eval()
         with torch.no_grad():
-            self.text_features = teacher.encode_text()  # (N, E), once per run
+            self.text_features = class_texts(teacher)  # (N, E), once per run (None: texts depend on the image)
         self.logit_scale = teacher.clip.logit_scale.exp().item()
 
     @torch.no_grad()
     def __call__(self, images, frozen_image_features=None):
         """Pseudo-labels (B,) for a batch; reuses frozen CLIP image features when the teacher's encoder is CLIP's."""
+        if self.text_features is None:  # a teacher whose class texts depend on the image scores it itself
+            return assign_pseudo_labels(self.teacher(images).logits)
         if frozen_image_features is not None and self.teacher.frozen_image_encoder:
             img = frozen_image_features
         else:
             img = self.teacher.encode_image(images)
-        return assign_pseudo_labels(img.float(), self.text_features, self.logit_scale)
+        return assign_pseudo_labels(self.logit_scale * img.float() @ self.text_features.t())  # (B, N) logits
 
     @torch.no_grad()
     def label_dataset(self, loader, device):

@@ -69,6 +69,12 @@ PRESETS = {
     # IVLP (PromptSRC's baseline, vit_b16_c2_ep20_batch4_4+4ctx): PromptSRC without self-regulation and GPA
     ("ivlp", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=9),
     ("ivlp", "mao"): dict(epochs=20, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=9),
+    # CoCoOp (KaiyangZhou/CoOp, vit_b16_c4_ep10_batch1_ctxv1): 4 tokens from "a photo of a", batch 1, 10 epochs
+    ("cocoop", "none"): dict(epochs=10, lr=0.002, batch_size=1, n_ctx=4, ctx_init="a photo of a"),
+    ("cocoop", "mao"): dict(epochs=20, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
+    # KgCoOp (htyao89/KgCoOp, vit_b16_ep100_ctxv1 with W = 8.0 from its base2new script): batch 128, 100 epochs
+    ("kgcoop", "none"): dict(epochs=100, lr=0.002, batch_size=128, n_ctx=4, ctx_init="a photo of a", kg_weight=8.0),
+    ("kgcoop", "mao"): dict(epochs=20, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a", kg_weight=8.0),
 }
 # Cross-dataset / domain generalisation (--subsample all, source ImageNet): each backbone's published XD config
 # (BACKBONES.md §11.2); MAO there trains its base step only, 5 epochs at lr 0.0035 (MAO Supp. B; the ep5 configs
@@ -84,6 +90,10 @@ PRESETS_ALL = {
                                text_weight=25.0, image_weight=10.0),  # MAO's ep5_batch32_4+4ctx_cross_datasets (b 4)
     ("ivlp", "none"): dict(epochs=20, lr=0.0025, batch_size=4, n_ctx=4, n_vis=4, depth=3),
     ("ivlp", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=4, n_vis=4, depth=3),
+    ("cocoop", "none"): dict(epochs=10, lr=0.002, batch_size=1, n_ctx=4, ctx_init="a photo of a"),  # same config
+    ("cocoop", "mao"): dict(epochs=5, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a"),
+    ("kgcoop", "none"): dict(epochs=100, lr=0.002, batch_size=128, n_ctx=4, ctx_init="a photo of a", kg_weight=8.0),
+    ("kgcoop", "mao"): dict(epochs=5, lr=0.0035, batch_size=32, n_ctx=4, ctx_init="a photo of a", kg_weight=8.0),
 }
 # MAO Supp. B / §4.4: anchors b and Top-K per dataset (b*K must not exceed the number of base classes)
 DATASET_PRESETS = {"dtd": dict(anchors=2, topk=8), "oxford_pets": dict(anchors=2, topk=8),
@@ -140,6 +150,7 @@ ap.add_argument("--n_vis", type=int, help="vision prompt tokens (IVLP/PromptSRC 
 ap.add_argument("--depth", type=int, help="J: layers carrying prompts (MaPLe §3.2, PromptSRC). Paper: 9")
 ap.add_argument("--text_weight", type=float, help="PromptSRC L_SCL text weight (§3.2). Paper: 25")
 ap.add_argument("--image_weight", type=float, help="PromptSRC L_SCL image weight (§3.2). Paper: 10")
+ap.add_argument("--kg_weight", type=float, help="lambda: KgCoOp's knowledge-guided loss weight (§3). Paper: 8")
 ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA Gaussian mean epoch (§3.3); 0 = off. Paper: 15")
 ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA Gaussian std (§3.3). Paper: 1")
 # -- MAO --
@@ -241,6 +252,8 @@ def parse_args(argv=None):
     if args.backbone != "promptsrc" and (args.text_weight is not None or args.image_weight is not None):
         raise ValueError("--text_weight / --image_weight weight PromptSRC's self-regulating losses; "
                          "use --backbone promptsrc")
+    if args.backbone != "kgcoop" and args.kg_weight is not None:
+        raise ValueError("--kg_weight weights KgCoOp's knowledge-guided loss; use --backbone kgcoop")
     stage1 = "none" if args.method == "dpc" else args.method  # DPC's stage 1 is the backbone alone
     presets = PRESETS_ALL if args.subsample == "all" else PRESETS
     preset = dict(DEFAULTS, **presets.get((args.backbone, stage1), {}), **DATASET_PRESETS.get(args.dataset, {}),
@@ -336,6 +349,8 @@ def learner_kwargs(args):
     kw = dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, n_vis=args.n_vis, depth=args.depth)
     if args.backbone == "promptsrc":
         kw.update(text_weight=args.text_weight, image_weight=args.image_weight)
+    if args.backbone == "kgcoop":
+        kw.update(kg_weight=args.kg_weight)
     return kw
 
 
@@ -489,7 +504,7 @@ def build_model(run):
     if args.backbone in ("maple", "ivlp", "promptsrc") and args.depth > layers:
         print(f"--depth {args.depth} exceeds the {layers} layers of this CLIP: prompting all {layers}")
         args.depth = layers
-    run.template = DATASETS[args.dataset]["template"] if args.backbone == "zsclip" else "a photo of a {}."
+    run.template = DATASETS[args.dataset]["template"]  # zero-shot CLIP's prompt; KgCoOp's frozen text targets
     learner = new_learner(run, run.base_names)
     if args.init_from:
         learner.load_learned(load_checkpoint(args.init_from, device)["learned"])
@@ -684,6 +699,7 @@ def run_dpc(run, learner):
     for name, key in (("parallel_prompt.pt", "parallel"), ("base_prompt.pt", "base"), ("new_prompt.pt", "new")):
         learner.load_learned(prompts[key])
         # new_prompt.pt scores classes not trained on: the new half, or a cross-dataset target's classes
+        learner.set_classnames(run.new_names if key == "new" and run.new_names else run.base_names)
         save_prompt(run, learner, name, "new" if key == "new" else args.subsample, args.dpc_epochs, "dpc")
     return learner, {"base": prompts["base"], "new": prompts["new"], "stage1": dual.frozen_prompt()}
 

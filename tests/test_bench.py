@@ -54,7 +54,9 @@ DEMO_FLAGS = ["--shots", "8", "--anchors", "2", "--topk", "3", "--epochs", "2", 
 @pytest.mark.parametrize("backbone,method,extra", [
     ("zsclip", "none", []), ("coop", "none", []), ("coop", "mao", []), ("maple", "mao", []), ("ivlp", "mao", []),
     ("promptsrc", "mao", []), ("promptsrc", "none", []), ("coop", "mao", ["--recipe", "official"]),
-    ("maple", "mao", ["--pseudo_label_every", "epoch"]), ("coop", "dpc", []), ("promptsrc", "dpc", [])])
+    ("maple", "mao", ["--pseudo_label_every", "epoch"]), ("coop", "dpc", []), ("promptsrc", "dpc", []),
+    ("cocoop", "none", []), ("cocoop", "mao", []), ("cocoop", "mao", ["--pseudo_labeler", "tuned"]),
+    ("kgcoop", "mao", []), ("kgcoop", "none", []), ("cocoop", "dpc", [])])
 def test_run_cost_predicts_the_counts_a_run_measures(tmp_path, demo_root, tiny_clip_path, minilm, backbone, method,
                                                      extra):
     from conftest import run_train
@@ -70,7 +72,8 @@ def test_run_cost_predicts_the_counts_a_run_measures(tmp_path, demo_root, tiny_c
             assert c == measured[phase], phase
     if method == "dpc":  # its batches follow the trained prompt's ranking: the counts are bounded, not predicted
         m, steps, b, K = measured["dpc_stage2"], 2 * (48 // 2), 2, 3  # 2 epochs of 48 anchors, b = 2
-        images_in_batches = m["texts_grad"] if backbone == "coop" else m["images_grad"]  # one text row per image
+        images_in_batches = {"coop": m["texts_grad"], "promptsrc": m["images_grad"],
+                             "cocoop": m["images"] - 2 * 48}[backbone]  # CoCoOp: all images minus the ranking's
         assert steps * b <= images_in_batches <= steps * b * K
         assert m["images"] - m["images_grad"] >= 2 * 48  # each epoch ranks every training image, no gradients
 

@@ -103,7 +103,7 @@ def test_learned_state_round_trip_gives_identical_logits(tiny_clip):
     with pytest.raises(ValueError, match="shape"):
         CoOp(tiny_clip, NAMES, n_ctx=2, ctx_init="").load_learned(state)
     with pytest.raises(ValueError, match="unknown backbone"):
-        build_learner("cocoop", tiny_clip, NAMES)
+        build_learner("prograd", tiny_clip, NAMES)
 
 
 def test_backbone_module_knows_nothing_of_mao():

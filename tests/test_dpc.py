@@ -108,6 +108,7 @@ def test_released_update_is_sgd_on_P_prime_at_lr_over_omega(tiny_clip):
 
 class _FakeLearner(nn.Module):
     """Fixed features: image i of class y is closest to the text rows listed in RANK[y]."""
+    text_per_image = False
     def __init__(self, text, image_of_label):
         super().__init__()
         self.clip = nn.Module()
