@@ -282,14 +282,6 @@ def subsample_classes(splits, which):
     return out, [names[i] for i in range(len(chosen))]
 
 
-def class_index(items, num_classes):
-    """Per-class list of item indices (the hard-negative sampler draws its images from it)."""
-    index = [[] for _ in range(num_classes)]
-    for i, (_, y, _) in enumerate(items):
-        index[y].append(i)
-    return index
-
-
 # -----------------------------------------------------------------------------
 # Images and transforms (Dassl's: random resized crop + flip for training, resize + center crop for testing)
 

@@ -12,8 +12,9 @@ P (train.py). Stage 2, this file, in the paper's order:
 "Prompt" means the tensors a learner lists in prompt_names (typically its context), or every learnable tensor when
 it lists none (MaPLe's prompts and couplings, ...). Its other learnable tensors (an image-conditioning network, say)
 train directly in stage 2, as the released PromptKD+DPC trains its tensors that are not context; base classes use
-their trained values, new classes stage 1's. The summary of the paper we have gives no equation numbers, so its parts are cited by name and
-section. Where the released code (JREion/DPC) differs from the paper: docs/deviations.md; each difference is a flag.
+their trained values, new classes stage 1's. The summary of the paper we have gives no equation numbers, so its
+parts are cited by name and section. Where the released code (JREion/DPC) differs from the paper:
+docs/deviations.md; each difference is a flag.
 """
 import torch
 import torch.nn as nn

@@ -273,6 +273,84 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
+def compact_markdown(rows):
+    """All learners in one table: alone, +MAO and +DPC side by side (the average over datasets when there are
+    several), mean training seconds per run and x the learner alone; rows of another recipe or variant apart."""
+    datasets = {r["dataset"] for r in rows} - {"average"}
+    want = "average" if len(datasets) > 1 else datasets.pop()
+    pick = {(r["backbone"], r["method"], r["variant"]): r for r in rows if r["dataset"] == want}
+    cell = lambda r: "–" if r is None else f"{r['base']:.2f} / {r['new']:.2f} / {r['hm']:.2f}"
+    secs = lambda r, a: "–" if r is None or r["seconds"] is None else f"{r['seconds']:.0f}" + (
+        f" ({r['seconds'] / a['seconds']:.1f}x)" if a and a["seconds"] and r is not a else "")
+    out = ["## Table 1, compact", "Base / new / HM (means; averages over datasets when there are several) and "
+           "training seconds per run (x the learner alone).", "",
+           "| learner | alone | +MAO | +DPC | train s: alone | +MAO | +DPC |", "|---|---|---|---|---|---|---|"]
+    for bb in sorted({k[0] for k in pick}, key=lambda b: _order((b, "", "", ""))):
+        alone = pick.get((bb, "none", ""))
+        for tag in sorted({k[2] for k in pick if k[0] == bb}):
+            if tag and not any((bb, m, tag) in pick for m in ("mao", "dpc")):
+                continue
+            mao, dpc = pick.get((bb, "mao", tag)), pick.get((bb, "dpc", tag))
+            name = NAMES.get(bb, bb) + (f" [{tag}]" if tag else "")
+            out.append(f"| {name} | {cell(alone) if not tag else ''} | {cell(mao)} | {cell(dpc)} | "
+                       f"{secs(alone, alone) if not tag else ''} | {secs(mao, alone)} | {secs(dpc, alone)} |")
+    return "\n".join(out)
+
+
+PHASES = {"backbone": "backbone alone (DPC: stage 1)", "mao_base": "MAO base step", "mao_new": "MAO new step",
+          "dpc_stage2": "DPC stage 2", "evaluation": "evaluation"}
+
+
+def cost_markdown(runs):
+    """Where the time goes: per learner and method, each phase's frozen-CLIP encodings and seconds (results.json
+    'cost'), means over the runs (datasets and seeds) that recorded them; the second column counts the runs."""
+    groups = {}
+    for r in runs:
+        if r.get("cost") and r.get("protocol") == "b2n":
+            groups.setdefault((r["backbone"], r["method"], r["tag"]), []).append(r)
+    if not groups:
+        return ""
+    out = ["## Where the time goes", "Frozen-CLIP encodings per phase of a run (images and token sequences; in "
+           "brackets those that also ran backward) and the phase's seconds, mean over runs. bench.py's run_cost "
+           "predicts the same counts before a run.", "",
+           "| learner | method | runs | phase | images (backward) | texts (backward) | seconds |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: _order(k + ("",))):
+        rs = groups[key]
+        for phase, name in PHASES.items():
+            cs = [r["cost"][phase] for r in rs if phase in r["cost"]]
+            if cs:
+                m = {k: statistics.mean(c[k] for c in cs) for k in cs[0]}
+                out.append(f"| {NAMES.get(key[0], key[0])} | {_label(dict(backbone=key[0], method=key[1], variant=key[2]))} "
+                           f"| {len(rs)} | {name} | {m['images']:,.0f} ({m['images_grad']:,.0f}) | {m['texts']:,.0f} "
+                           f"({m['texts_grad']:,.0f}) | {m['seconds']:.1f} |")
+    return "\n".join(out)
+
+
+def pseudo_label_markdown(runs):
+    """MAO's new step: how often its pseudo-labels equal the hidden labels (results.json 'pseudo_labels')."""
+    groups = {}
+    for r in runs:
+        if r.get("pseudo_labels"):
+            groups.setdefault((r["backbone"], r["method"], r["tag"], r["dataset"]), []).append(r)
+    if not groups:
+        return ""
+    out = ["## MAO's pseudo-labels", "Agreement (%) of the new step's pseudo-labels with the hidden labels of the "
+           "unlabeled new-class training images, mean over seeds: the labels it trained on (online: each augmented "
+           "view; --pseudo_label_every epoch: the un-augmented ones), and the labels of the un-augmented views. "
+           "Beside them, the new-class test accuracy of the base-step prompt and of the new-step prompt.", "",
+           "| dataset | learner | method | trained on | un-augmented | new test, base-step prompt | new test, new-step prompt |",
+           "|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: _order(k)):
+        rs = groups[key]
+        mean = lambda f: statistics.mean(f(r) for r in rs)
+        out.append(f"| {NAMES.get(key[3], key[3])} | {NAMES.get(key[0], key[0])} | "
+                   f"{_label(dict(backbone=key[0], method=key[1], variant=key[2]))} | "
+                   f"{mean(lambda r: r['pseudo_labels']['used_in_training']):.1f} | "
+                   f"{mean(lambda r: r['pseudo_labels']['once_unaugmented']):.1f} | "
+                   f"{mean(lambda r: r.get('new_base_prompt', float('nan'))):.1f} | {mean(lambda r: r['new']):.1f} |")
+    return "\n".join(out)
+
+
 def summarize(root, seeds=None):
     """Tabulate every results.json under root: Table 1 (base-to-new), Table 2 (cross-dataset) and DG, each as
     markdown + CSV in root, and all of them in summary.md. Returns dict(b2n=rows, xd=rows, markdown=text)."""
@@ -308,6 +386,7 @@ def summarize(root, seeds=None):
                     for r in xd for t, (m, s) in r["acc"].items()])
     if not b2n and not xd:
         raise FileNotFoundError(f"no finished base-to-new or all-class run under {root}")
+    parts += [p for p in (compact_markdown(b2n) if b2n else "", cost_markdown(runs), pseudo_label_markdown(runs)) if p]
     text = "\n\n".join(parts)
     with open(os.path.join(root, "summary.md"), "w") as f:
         f.write(text + "\n")

@@ -165,3 +165,25 @@ def test_table7_averages_sit_beside_published_cocoop_and_kgcoop_rows(tmp_path):
     rows = report.summarize(str(tmp_path))["b2n"]
     avg = {r["backbone"]: r for r in rows if r["dataset"] == "average"}
     assert avg["cocoop"]["paper"] == (80.47, 71.69, 75.83) and avg["kgcoop"]["paper"] == (80.73, 73.60, 77.00)
+
+
+def test_where_the_time_goes_and_pseudo_label_tables(tmp_path):
+    cost = lambda s, i, t: {"images": i, "images_grad": 0, "texts": t, "texts_grad": t, "seconds": s}
+    for seed, sec in ((1, 10.0), (2, 20.0)):
+        write(str(tmp_path), "dtd", "mao", seed, 80.0, 60.0, cost={"mao_base": cost(sec, 100, 50),
+              "mao_new": cost(4.0, 40, 30), "evaluation": cost(1.0, 10, 5)}, new_base_prompt=55.0,
+              pseudo_labels={"once_unaugmented": 70.0 + seed, "used_in_training": 60.0 + seed, "mode": "batch"})
+    md = report.summarize(str(tmp_path))["markdown"]
+    assert "| CoOp | +MAO | 2 | MAO base step | 100 (0) | 50 (50) | 15.0 |" in md  # means over the two seeds
+    assert "| DTD | CoOp | +MAO | 61.5 | 71.5 | 55.0 | 60.0 |" in md
+
+
+def test_compact_table_puts_the_methods_side_by_side(tmp_path):
+    for method, base, new, sec in (("none", 80.0, 60.0, 10.0), ("mao", 82.0, 66.0, 30.0), ("dpc", 84.0, 60.0, 50.0)):
+        write(str(tmp_path), "dtd", method, 1, base, new, train_seconds=sec)
+    write(str(tmp_path), "dtd", "mao", 1, 81.0, 65.0, variant={"recipe": "official"}, folder="off", train_seconds=40.0)
+    md = report.summarize(str(tmp_path))["markdown"]
+    hm = lambda b, n: f"{evaluation.harmonic_mean(b, n):.2f}"
+    assert (f"| CoOp | 80.00 / 60.00 / {hm(80, 60)} | 82.00 / 66.00 / {hm(82, 66)} | 84.00 / 60.00 / {hm(84, 60)} | "
+            f"10 | 30 (3.0x) | 50 (5.0x) |") in md
+    assert f"| CoOp [recipe=official] |  | 81.00 / 65.00 / {hm(81, 65)} | – |  | 40 (4.0x) | – |" in md
