@@ -73,8 +73,8 @@ class DualPrompt(nn.Module):
         """omega P' + (1 - omega) P for the prompt, the other tensors as trained in stage 2 (or as stage 1 left them:
         others='stage1'); detached, on the CPU: a learned state for learner.load_learned."""
         P, Q = self.frozen_prompt(), self.parallel_prompt()
-        out = {n: omega * Q[n] + (1 - omega) * P[n] if n in self.prompt else Q[n] if others == "trained" else P[n]
-               for n in self.names}
+        rest = Q if others == "trained" else P
+        out = {n: omega * Q[n] + (1 - omega) * P[n] if n in self.prompt else rest[n] for n in self.names}
         return {n: v.detach().cpu().clone() for n, v in out.items()}
 
     def forward(self, images, class_ids=None):

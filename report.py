@@ -301,13 +301,25 @@ PHASES = {"backbone": "backbone alone (DPC: stage 1)", "mao_base": "MAO base ste
           "dpc_stage2": "DPC stage 2", "evaluation": "evaluation"}
 
 
+def _b2n_runs_with(runs, field, by_dataset=False):
+    """{(backbone, method, variant tag[, dataset]): [runs]} of the base-to-new runs whose results.json has field."""
+    groups = {}
+    for r in runs:
+        if r.get(field) and r["protocol"] == "b2n":
+            key = (r["backbone"], r["method"], r["tag"]) + ((r["dataset"],) if by_dataset else ())
+            groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _names(key):
+    """The learner's name and the method's label for a group key (backbone, method, variant tag, ...)."""
+    return NAMES.get(key[0], key[0]), _label(dict(backbone=key[0], method=key[1], variant=key[2]))
+
+
 def cost_markdown(runs):
     """Where the time goes: per learner and method, each phase's frozen-CLIP encodings and seconds (results.json
     'cost'), means over the runs (datasets and seeds) that recorded them; the second column counts the runs."""
-    groups = {}
-    for r in runs:
-        if r.get("cost") and r.get("protocol") == "b2n":
-            groups.setdefault((r["backbone"], r["method"], r["tag"]), []).append(r)
+    groups = _b2n_runs_with(runs, "cost")
     if not groups:
         return ""
     out = ["## Where the time goes", "Frozen-CLIP encodings per phase of a run (images and token sequences; in "
@@ -320,18 +332,14 @@ def cost_markdown(runs):
             cs = [r["cost"][phase] for r in rs if phase in r["cost"]]
             if cs:
                 m = {k: statistics.mean(c[k] for c in cs) for k in cs[0]}
-                out.append(f"| {NAMES.get(key[0], key[0])} | {_label(dict(backbone=key[0], method=key[1], variant=key[2]))} "
-                           f"| {len(rs)} | {name} | {m['images']:,.0f} ({m['images_grad']:,.0f}) | {m['texts']:,.0f} "
+                out.append(f"| {' | '.join(_names(key))} | {len(rs)} | {name} | {m['images']:,.0f} ({m['images_grad']:,.0f}) | {m['texts']:,.0f} "
                            f"({m['texts_grad']:,.0f}) | {m['seconds']:.1f} |")
     return "\n".join(out)
 
 
 def pseudo_label_markdown(runs):
     """MAO's new step: how often its pseudo-labels equal the hidden labels (results.json 'pseudo_labels')."""
-    groups = {}
-    for r in runs:
-        if r.get("pseudo_labels"):
-            groups.setdefault((r["backbone"], r["method"], r["tag"], r["dataset"]), []).append(r)
+    groups = _b2n_runs_with(runs, "pseudo_labels", by_dataset=True)
     if not groups:
         return ""
     out = ["## MAO's pseudo-labels", "Agreement (%) of the new step's pseudo-labels with the hidden labels of the "
@@ -343,8 +351,7 @@ def pseudo_label_markdown(runs):
     for key in sorted(groups, key=lambda k: _order(k)):
         rs = groups[key]
         mean = lambda f: statistics.mean(f(r) for r in rs)
-        out.append(f"| {NAMES.get(key[3], key[3])} | {NAMES.get(key[0], key[0])} | "
-                   f"{_label(dict(backbone=key[0], method=key[1], variant=key[2]))} | "
+        out.append(f"| {NAMES.get(key[3], key[3])} | {' | '.join(_names(key))} | "
                    f"{mean(lambda r: r['pseudo_labels']['used_in_training']):.1f} | "
                    f"{mean(lambda r: r['pseudo_labels']['once_unaugmented']):.1f} | "
                    f"{mean(lambda r: r.get('new_base_prompt', float('nan'))):.1f} | {mean(lambda r: r['new']):.1f} |")
