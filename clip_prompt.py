@@ -1,48 +1,52 @@
-"""Frozen CLIP and the prompt learners that sit on it: zero-shot CLIP, CoOp, IVLP, PromptSRC, MaPLe, CoCoOp, KgCoOp.
+"""Frozen CLIP and the prompt learners on it: zero-shot CLIP, CoOp, IVLP,
+PromptSRC, MaPLe, CoCoOp, KgCoOp.
 
-CLIP (Radford et al., 2021) is used as openai/CLIP ships it: loaded with `clip.load`, never forked or patched.
-The text and image encoders below re-run CLIP's own submodules (token embedding, resblocks, ln_final, ...) from
-the outside, so that learnable prompt tokens can be placed into the sequence.
+CLIP (Radford et al., 2021) is used as openai/CLIP ships it: loaded with `clip.load`, never forked
+or patched. The encoders below re-run CLIP's own submodules (token embedding, resblocks, ln_final,
+...) from the outside, so that learnable prompt tokens can be placed into the sequence.
 
-CoOp (Zhou et al., IJCV 2022, arXiv 2109.01134) learns M context vectors shared by all classes. For class c the
-text encoder sees the token sequence (MAO Eq. (1): P = [theta]_1 ... [theta]_L is this learnable part):
+CoOp (Zhou et al., IJCV 2022, arXiv 2109.01134) learns M context vectors shared by all
+classes. For class c the text encoder sees the token sequence (MAO Eq. (1): P = [theta]_1 ...
+[theta]_L is the learnable part):
 
     position: 0      1 .. M          M+1 .. M+len(name)    next   next    rest (up to 77)
     token:    [SOS]  [V1] .. [VM]    [CLASS tokens]        [.]    [EOS]   zero padding
 
-and the class probability is the softmax of scaled cosine similarities (MAO Eq. (3)). In the base-to-new
-protocol, M = 4 initialised from the embeddings of "a photo of a", so before training CoOp equals zero-shot CLIP
-with the template "a photo of a {}." exactly (tests/test_clip_prompt.py checks this).
+and the class probability is the softmax of scaled cosine similarities (MAO Eq. (3)). In the
+base-to-new protocol M = 4, initialised from the embeddings of "a photo of a", so before training
+CoOp equals zero-shot CLIP with the template "a photo of a {}." exactly
+(tests/test_clip_prompt.py checks this).
 
-Every learner has the same small interface, and nothing here knows about MAO or DPC (it imports nothing from
-sampler.py, losses.py, pseudolabel.py or dpc.py); docs/learners.md is the contract in full:
-    learner(images, class_ids) -> Output(logits, frozen_image_features, losses)  # losses: its own extra terms
-    learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features (text_per_image: no)
+Every learner has the same small interface, and nothing here knows about MAO or DPC (this file imports
+nothing from sampler.py, losses.py, pseudolabel.py or dpc.py); docs/learners.md is the contract in full:
+    learner(images, class_ids) -> Output(logits, frozen_image_features, losses)  # losses: its own terms
+    learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features
     learner.set_classnames(names)                                  # re-target, keeping learned tensors
     learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
-    learner.prompt_names, frozen_image_encoder, text_per_image     # what DPC duplicates; what may be shared
+    learner.prompt_names, frozen_image_encoder, text_per_image     # what DPC duplicates; what is shared
 """
 import copy
 import os
 import warnings
+import zipfile
 from collections import OrderedDict, namedtuple
 
 import torch
 
-with warnings.catch_warnings():  # openai-clip imports pkg_resources, which setuptools deprecates: noise on every run
+with warnings.catch_warnings():  # openai-clip imports pkg_resources, which setuptools deprecates
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     import clip
 import torch.nn as nn
 import torch.nn.functional as F
-from clip.model import CLIP, build_model, convert_weights
+from clip.model import build_model, convert_weights
 
 # -----------------------------------------------------------------------------
 # Loading frozen CLIP
 
 
 def _is_torchscript(path):
-    """OpenAI's checkpoints are TorchScript archives; a plain state dict needs build_model instead."""
-    import zipfile
+    """OpenAI's checkpoints are TorchScript archives; a plain state dict
+    needs build_model instead."""
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
@@ -50,29 +54,27 @@ def _is_torchscript(path):
         return False
 
 
-def load_clip(name, device="cpu", precision="auto", cache_dir="data"):
-    """Frozen CLIP from a model name ('ViT-B/16', downloaded once to ~/.cache/clip), a local checkpoint path,
-    or 'tiny' (a small randomly initialised CLIP for pipeline runs, written once to cache_dir/tiny_clip.pt).
+def load_clip(name, device="cpu", precision="auto"):
+    """Frozen CLIP from a model name ('ViT-B/16', downloaded once to
+    ~/.cache/clip) or a checkpoint path.
 
-    precision 'fp16' (the paper's setting on a GPU): CLIP's own fp16 layout (clip.model.convert_weights: matmul and
-    conv weights fp16, LayerNorms fp32), on any device; 'fp32', or 'auto' on a CPU: fp32.
-    Returns the model in eval mode with every parameter frozen.
-    """
+    precision 'fp16' (the paper's setting on a GPU): CLIP's own fp16 layout
+    (clip.model.convert_weights: matmul and conv weights fp16, LayerNorms fp32), on any device;
+    'fp32', or 'auto' on a CPU: fp32. Returns the model in eval mode with every parameter frozen."""
     device = torch.device(device)
-    if name == "tiny":
-        name = os.path.join(cache_dir, "tiny_clip.pt")
-        if not os.path.isfile(name):
-            save_clip(build_tiny_clip(seed=0), name)
-    if os.path.isfile(name) and not _is_torchscript(name):
-        state = torch.load(name, map_location="cpu", weights_only=True)
-        model = build_model(state.get("state_dict", state)).to(device)
-    elif os.path.isfile(name) or name in clip.available_models():
-        with warnings.catch_warnings():  # torch deprecates TorchScript, the format OpenAI's weights ship in
-            warnings.simplefilter("ignore")
-            model, _ = clip.load(name, device=device, jit=False)
-    else:
-        raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()} "
-                                f"(or 'tiny' for the small random CLIP used by pipeline runs)")
+    if not os.path.isfile(name) and name not in clip.available_models():
+        raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()}")
+    try:
+        if os.path.isfile(name) and not _is_torchscript(name):
+            state = torch.load(name, map_location="cpu", weights_only=True)
+            model = build_model(state.get("state_dict", state)).to(device)
+        else:
+            with warnings.catch_warnings():  # torch deprecates TorchScript, the format of OpenAI's files
+                warnings.simplefilter("ignore")
+                model, _ = clip.load(name, device=device, jit=False)
+    except (RuntimeError, KeyError, AttributeError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"--clip {name}: not a CLIP checkpoint that clip.load or clip.model.build_model "
+                         f"can read ({type(e).__name__}); give a model name or OpenAI's .pt file") from None
     if precision == "fp16" or (precision == "auto" and device.type == "cuda"):
         convert_weights(model)  # clip.load already does this on a GPU; on a CPU it returns fp32
     else:
@@ -80,28 +82,19 @@ def load_clip(name, device="cpu", precision="auto", cache_dir="data"):
     return model.eval().requires_grad_(False)
 
 
-def build_tiny_clip(seed=0, width=64, layers=2, resolution=32, patch=8, embed_dim=64):
-    """A small clip.model.CLIP with CLIP's vocabulary and 77-token context (random weights, fp16-exact)."""
-    g = torch.random.fork_rng()
-    with g:
-        torch.manual_seed(seed)
-        model = CLIP(embed_dim=embed_dim, image_resolution=resolution, vision_layers=layers, vision_width=width,
-                     vision_patch_size=patch, context_length=77, vocab_size=49408, transformer_width=width,
-                     transformer_heads=width // 64, transformer_layers=layers)
-    for p in model.parameters():  # clip.load rounds weights through fp16; make that a no-op so reloads are exact
-        p.data = p.data.half().float()
-    return model.eval()
-
-
 def save_clip(model, path):
-    """Save as a TorchScript archive like OpenAI's files, so `clip.load(path)` reads it."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Save as a TorchScript archive with fp16 weights, like OpenAI's files, so `clip.load(path)`
+    reads it (openai-clip 1.0.1 cannot read a plain state dict: its fallback re-reads an
+    exhausted file handle)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     r = model.visual.input_resolution
     example = (torch.zeros(1, 3, r, r), clip.tokenize(["a photo of a cat."]))
     tmp = f"{path}.tmp{os.getpid()}"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # torch deprecates TorchScript, the format clip.load reads
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(model.float().eval(), example, check_trace=False), tmp)
+        traced = torch.jit.trace(copy.deepcopy(model).float().eval(), example, check_trace=False)
+        traced.half()  # clip.load(jit=False) rebuilds the model from these weights with build_model
+        torch.jit.save(traced, tmp)
     os.replace(tmp, path)
 
 
@@ -109,39 +102,40 @@ def save_clip(model, path):
 # Encoders, re-running CLIP's submodules (shapes: C classes, B images, L=77 tokens, D width)
 
 def encode_token_embeddings(model, x, eot, deep=None):
-    """Text features from token embeddings x (C, 77, D): the path of CLIP's encode_text after its embedding.
+    """Text features from token embeddings x (C, 77, D): CLIP's encode_text after its embedding.
 
-    deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the hidden state
-    (what block i-1 produced there), for every class. They get no positional embedding. None = CoOp.
-    """
+    deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the
+    hidden state (what block i-1 produced there), for every class, with no positional
+    embedding. None = CoOp."""
     x = x + model.positional_embedding.type(x.dtype)  # the layer-0 context gets positions too
     x = x.permute(1, 0, 2)  # NLD -> LND (CLIP's attention is not batch_first)
-    for i, block in enumerate(model.transformer.resblocks):  # the causal mask lives inside each block
+    for i, block in enumerate(model.transformer.resblocks):  # each block holds the causal mask
         if deep is not None and 1 <= i <= len(deep):
             p = deep[i - 1].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n, C, D)
             x = torch.cat([x[:1], p, x[1 + p.shape[0]:]], dim=0)
         x = block(x)
     x = x.permute(1, 0, 2)  # LND -> NLD
     x = model.ln_final(x).type(model.dtype)
-    return x[torch.arange(x.shape[0], device=x.device), eot] @ model.text_projection  # (C, E) at [EOS]
+    x = x[torch.arange(x.shape[0], device=x.device), eot]  # (C, D) at [EOS]
+    return x @ model.text_projection  # (C, E)
 
 
 def encode_image(model, images, shallow=None, deep=None):
     """CLIP's image encoder, optionally with vision prompts (B, 3, R, R) -> (B, E).
 
-    shallow: (n, Dv) prompts appended after the patch tokens at layer 0 (after the positional embedding, before
-    ln_pre); deep: prompts (n, Dv) for layers 1..J-1 that replace the last n tokens before those blocks.
-    With no prompts this is exactly CLIP's own model.visual.
-    """
+    shallow: (n, Dv) prompts appended after the patch tokens at layer 0 (after the positional
+    embedding, before ln_pre); deep: prompts (n, Dv) for layers 1..J-1 that replace the last n
+    tokens before those blocks. With no prompts this is exactly CLIP's own model.visual."""
     v = model.visual
     if shallow is None:
         return v(images.type(model.dtype))
     x = v.conv1(images.type(model.dtype))  # (B, Dv, grid, grid)
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, grid**2, Dv)
-    cls = v.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    zeros = torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    cls = v.class_embedding.to(x.dtype) + zeros  # (B, 1, Dv)
     x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + grid**2, Dv)
     n = shallow.shape[0]
-    x = torch.cat([x, shallow.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # no positions
+    x = torch.cat([x, shallow.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # no pos.
     x = v.ln_pre(x).permute(1, 0, 2)  # NLD -> LND
     for i, block in enumerate(v.transformer.resblocks):
         if deep is not None and 1 <= i <= len(deep):
@@ -152,14 +146,14 @@ def encode_image(model, images, shallow=None, deep=None):
 
 
 class EncodeCounter:
-    """Counts what runs through frozen CLIP: images through the image tower and token sequences through the text
-    tower, and how many of each carry gradients (a backward pass follows). Forward hooks on the last block of each
-    tower, so every learner, teacher and evaluation pass is counted alike."""
+    """Counts what runs through frozen CLIP: images through the image tower, token sequences through
+    the text tower, and how many of each carry gradients (a backward pass follows). Forward hooks on
+    the last block of each tower, so every learner, teacher and evaluation pass is counted alike."""
 
     def __init__(self, model):
         self.counts = dict(images=0, images_grad=0, texts=0, texts_grad=0)
-        self.handles = [model.visual.transformer.resblocks[-1].register_forward_hook(self._hook("images")),
-                        model.transformer.resblocks[-1].register_forward_hook(self._hook("texts"))]
+        towers = ((model.visual.transformer, "images"), (model.transformer, "texts"))
+        self.handles = [t.resblocks[-1].register_forward_hook(self._hook(kind)) for t, kind in towers]
 
     def _hook(self, kind):
         def hook(module, inputs, output):  # output (L, N, D): N images or sequences
@@ -172,33 +166,36 @@ class EncodeCounter:
             h.remove()
 
 
-# logits over the requested classes; plain-CLIP image features if the forward computed them (else None);
-# losses: the learner's own extra loss terms {name: scalar}, already weighted (PromptSRC's SCL; {} for CoOp), which
-# every training step adds unchanged ("other possible loss functions ... are maintained unchanged", MAO §3.2)
+# logits over the requested classes; plain-CLIP image features if the forward computed them
+# (else None); losses: the learner's own extra terms {name: scalar}, already weighted
+# (PromptSRC's SCL; {} for CoOp), which every step adds unchanged ("other possible loss
+# functions ... are maintained unchanged", MAO §3.2)
 Output = namedtuple("Output", "logits frozen_image_features losses")
 
 
 def clip_logits(model, image_features, text_features):
-    """p(y | I) = softmax(<g(P_t,y), f(P_v, I)> / tau) as logits: cosines of normalised features times CLIP's
-    1/tau = exp(logit_scale) (100 for the released weights) -- MAO Eq. (3). (B, E), (C, E) -> (B, C)"""
+    """p(y | I) = softmax(<g(P_t,y), f(P_v, I)> / tau) as logits: cosines of normalised
+    features times CLIP's 1/tau = exp(logit_scale) (100 for the released weights) -- MAO Eq.
+    (3). (B, E), (C, E) -> (B, C)"""
     return model.logit_scale.exp().float() * image_features @ text_features.t()  # Eq. (3)
 
 
 def class_texts(learner):
-    """The learner's class text features (C, E), encoded once for a pass over many images; None when they depend on
-    the image (text_per_image, CoCoOp), and class_logits then runs the learner's own forward per batch."""
+    """The learner's class text features (C, E), encoded once for a pass over many images; None
+    when they depend on the image (text_per_image, CoCoOp): class_logits then runs the
+    learner's forward per batch."""
     return None if learner.text_per_image else learner.encode_text()
 
 
 def class_logits(learner, images, texts=None):
-    """Logits (B, C) over all the learner's classes for a batch, from class_texts(learner) when given."""
+    """Logits (B, C) over all the learner's classes, from class_texts(learner) when given."""
     if texts is None:
         return learner(images).logits
     return clip_logits(learner.clip, learner.encode_image(images), texts)
 
 
 def zero_shot_text_features(model, classnames, template="a photo of a {}."):
-    """Normalised text features of frozen CLIP for template.format(name) (name with '_' -> ' '). (C, E)"""
+    """Normalised frozen-CLIP text features of template.format(name), '_' read as ' '. (C, E)"""
     device = model.token_embedding.weight.device
     tokens = clip.tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(device)
     with torch.no_grad():
@@ -209,7 +206,7 @@ def zero_shot_text_features(model, classnames, template="a photo of a {}."):
 # Zero-shot CLIP: the baseline every table starts from
 
 class ZeroShotCLIP(nn.Module):
-    """Frozen CLIP with one hand-crafted template per dataset (CoOp's CUSTOM_TEMPLATES). Nothing to learn."""
+    """Frozen CLIP with one hand-crafted template per dataset (CoOp's CUSTOM_TEMPLATES)."""
     frozen_image_encoder, text_per_image = True, False
 
     def __init__(self, model, classnames, template="a photo of a {}."):
@@ -219,7 +216,7 @@ class ZeroShotCLIP(nn.Module):
 
     def set_classnames(self, classnames):
         self.classnames = list(classnames)
-        self.text_features = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E)
+        self.text_features = zero_shot_text_features(self.clip, self.classnames, self.template)
 
     def encode_image(self, images):
         return F.normalize(encode_image(self.clip, images).float(), dim=-1)
@@ -236,17 +233,17 @@ class ZeroShotCLIP(nn.Module):
 
     def load_learned(self, state):
         if state:
-            raise ValueError(f"zero-shot CLIP has no learned tensors, the checkpoint has {sorted(state)}")
+            raise ValueError(f"zero-shot CLIP learns nothing; the checkpoint has {sorted(state)}")
 
 
 # -----------------------------------------------------------------------------
 # CoOp: M learnable context vectors shared by all classes (Eq. (1)), CLIP's image encoder untouched
 
 class CoOp(nn.Module):
-    """CoOp prompt learner. Learnable tensors are fp32 and cast to CLIP's dtype where they enter the sequence."""
+    """CoOp. Learnable tensors are fp32, cast to CLIP's dtype where they enter the sequence."""
     frozen_image_encoder = True  # image features are plain CLIP's, so others may reuse them
     text_per_image = False  # one set of class text features serves every image (encode_text)
-    prompt_names = None  # the tensors DPC duplicates as its parallel prompt: None = every learnable tensor
+    prompt_names = None  # the tensors DPC duplicates as its parallel prompt; None: all learnable ones
 
     def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", keep_phrase=False):
         super().__init__()
@@ -256,8 +253,9 @@ class CoOp(nn.Module):
         if ctx_init and not keep_phrase:
             n_ctx = words  # CoOp's rule: M = the number of words of the init phrase
         if ctx_init and n_ctx <= words:
-            # V1..VM start at the embeddings of the phrase's first M tokens. MaPLe / IVLP keep the whole phrase in
-            # the sequence, so with M = 2 the words "of a" stay fixed after the two learnable slots.
+            # V1..VM start at the embeddings of the phrase's first M tokens. MaPLe / IVLP keep
+            # the whole phrase in the sequence, so with M = 2 the words "of a" stay fixed
+            # after the learnable slots.
             ids = clip.tokenize(ctx_init).to(model.token_embedding.weight.device)
             with torch.no_grad():
                 ctx = model.token_embedding(ids)[0, 1:1 + n_ctx].float()  # (M, D)
@@ -270,15 +268,16 @@ class CoOp(nn.Module):
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames):
-        """Re-target to another list of classes: rebuild the frozen [SOS] / [CLASS . EOS] buffers only."""
+        """Re-target to other classes: rebuild only the frozen [SOS] / [CLASS . EOS] buffers."""
         self.classnames = list(classnames)
         device = self.clip.token_embedding.weight.device
-        tokens = clip.tokenize([f"{self.prefix} {c.replace('_', ' ')}." for c in self.classnames]).to(device)
+        texts = [f"{self.prefix} {c.replace('_', ' ')}." for c in self.classnames]
+        tokens = clip.tokenize(texts).to(device)
         with torch.no_grad():
             emb = self.clip.token_embedding(tokens).type(self.clip.dtype)  # (C, 77, D)
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # [SOS]
-        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # [CLASS] . [EOS] pad
-        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # [EOS] has the largest token id
+        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # [CLASS].[EOS]
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # [EOS]: the largest token id
 
     def train(self, mode=True):
         super().train(mode)
@@ -295,7 +294,8 @@ class CoOp(nn.Module):
         return F.normalize(encode_token_embeddings(self.clip, x, eot, self.deep_text()).float(), dim=-1)
 
     def encode_image(self, images):
-        return F.normalize(encode_image(self.clip, images, *self.vision_prompts()).float(), dim=-1)  # (B, E)
+        x = encode_image(self.clip, images, *self.vision_prompts())
+        return F.normalize(x.float(), dim=-1)  # (B, E)
 
     def deep_text(self):
         return None  # CoOp: shallow text prompt only
@@ -304,10 +304,10 @@ class CoOp(nn.Module):
         return None, None  # CoOp: CLIP's image encoder untouched
 
     def forward(self, images, class_ids=None):
-        """Logits over class_ids (all classes if None), the frozen image features, and no extra losses."""
+        """Logits over class_ids (all classes if None), frozen image features, no extra losses."""
         img = self.encode_image(images)  # (B, E)
         txt = self.encode_text(class_ids)  # (C', E)
-        frozen = img.detach() if self.frozen_image_encoder else None  # prompted features (MaPLe, IVLP) are not CLIP's
+        frozen = img.detach() if self.frozen_image_encoder else None  # prompted ones are not CLIP's
         return Output(clip_logits(self.clip, img, txt), frozen, {})
 
     def learned_state(self):
@@ -316,7 +316,7 @@ class CoOp(nn.Module):
     def load_learned(self, state):
         own = {n: p for n, p in self.named_parameters() if p.requires_grad}
         if set(state) != set(own):
-            raise ValueError(f"checkpoint tensors {sorted(state)} do not match this learner's {sorted(own)}")
+            raise ValueError(f"checkpoint tensors {sorted(state)} do not match the learner's {sorted(own)}")
         for n, p in own.items():
             if state[n].shape != p.shape:
                 raise ValueError(f"checkpoint tensor '{n}' has shape {tuple(state[n].shape)}, "
@@ -326,18 +326,22 @@ class CoOp(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# IVLP (PromptSRC's backbone): independent deep prompts in both encoders (PromptSRC §3.1, arXiv 2307.06948)
+# IVLP (PromptSRC's backbone): independent deep prompts in both encoders
+# (PromptSRC §3.1, 2307.06948)
 
 def deep_prompts(n, dim, depth):
     """The prompts of layers 1..J-1: J-1 free (n, dim) tensors drawn from N(0, 0.02)."""
-    return nn.ParameterList(nn.Parameter(torch.empty(n, dim).normal_(std=0.02)) for _ in range(depth - 1))
+    return nn.ParameterList(nn.Parameter(torch.empty(n, dim).normal_(std=0.02))
+                            for _ in range(depth - 1))
 
 
 class IVLP(CoOp):
-    """n_t text and n_v vision prompts at each of the first J layers of each encoder, learned independently."""
+    """n_t text and n_v vision prompts at each of the first J layers of each
+    encoder, independently."""
     frozen_image_encoder = False  # the vision prompts change the image features
 
-    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9, depth_vis=9):
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9,
+                 depth_vis=9):
         super().__init__(model, classnames, n_ctx, ctx_init, keep_phrase=True)
         Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
         self.text_prompts = deep_prompts(n_ctx, Dt, depth_text)  # layers 1..J-1, each (n_t, Dt)
@@ -351,56 +355,59 @@ class IVLP(CoOp):
         return (self.vis_ctx, list(self.vis_prompts)) if self.vis_ctx.shape[0] else (None, None)
 
 
-# PromptSRC's frozen text targets: the first 60 of CLIP's 80 ImageNet templates (PromptSRC's list, as a set)
+# PromptSRC's frozen text targets: the first 60 of CLIP's 80 ImageNet templates (PromptSRC's list)
 PROMPTSRC_TEMPLATES = [
     "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.",
-    "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
-    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
-    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
-    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
-    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "the origami {}.",
-    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
+    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.",
+    "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.",
+    "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.", "a close-up photo of a {}.",
+    "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
+    "a doodle of a {}.", "a close-up photo of the {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
+    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
+    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
     "a pixelated photo of a {}.", "itap of the {}.",
 ]
 
 
 class PromptSRC(IVLP):
-    """IVLP plus self-regulation towards frozen CLIP (PromptSRC §3.2): in training the forward also returns the three
-    self-regulating consistency terms (L_SCL) as its own extra losses."""
+    """IVLP plus self-regulation towards frozen CLIP (PromptSRC §3.2): in training its forward also
+    returns the three self-regulating consistency terms (L_SCL) as its own extra losses."""
 
-    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9, depth_vis=9,
-                 text_weight=25.0, image_weight=10.0):
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9,
+                 depth_vis=9, text_weight=25.0, image_weight=10.0):
         super().__init__(model, classnames, n_ctx, ctx_init, n_vis, depth_text, depth_vis)
         self.text_weight, self.image_weight = text_weight, image_weight
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        self._text_target = None  # the frozen targets are only needed in training: built on first use
+        self._text_target = None  # needed in training only: built on first use
 
     @property
     def text_target(self):
-        """Frozen text target: the mean of the *unnormalised* 60-template features, normalised (PromptSRC code)."""
+        """The frozen text target: the mean of the *unnormalised* 60-template features, normalised
+        (as PromptSRC's code does)."""
         if self._text_target is None:
             device = self.clip.token_embedding.weight.device
             names = [c.replace("_", " ") for c in self.classnames]
             with torch.no_grad():
-                feats = torch.stack([self.clip.encode_text(clip.tokenize([t.format(c) for c in names]).to(device))
-                                     .float() for t in PROMPTSRC_TEMPLATES])  # (60, C, E)
-            self._text_target = F.normalize(feats.mean(0), dim=-1)  # (C, E), once per list of class names
+                tokens = [clip.tokenize([t.format(c) for c in names]).to(device) for t in PROMPTSRC_TEMPLATES]
+                feats = torch.stack([self.clip.encode_text(t).float() for t in tokens])  # (60, C, E)
+            self._text_target = F.normalize(feats.mean(0), dim=-1)  # (C, E), once per class list
         return self._text_target
 
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E), prompted
         txt = self.encode_text()  # (C, E): every class, the text term and the KL need them all
         logits_all = clip_logits(self.clip, img, txt)  # (B, C)
-        logits = logits_all if class_ids is None else logits_all[:, class_ids]  # the requested classes
+        logits = logits_all if class_ids is None else logits_all[:, class_ids]  # the requested ones
         if not self.training:
             return Output(logits, None, {})
         with torch.no_grad():  # the frozen image encoder on the same augmented batch
@@ -411,13 +418,13 @@ class PromptSRC(IVLP):
         return Output(logits, img0, reg)
 
 
-def self_regulating_losses(text, text_target, image, image_target, logits, logits_target, text_weight=25.0,
-                           image_weight=10.0):
+def self_regulating_losses(text, text_target, image, image_target, logits, logits_target,
+                           text_weight=25.0, image_weight=10.0):
     """PromptSRC's three consistency terms (PromptSRC §3.2), each towards frozen CLIP:
 
-    text:   mean |t - t0| over all C x E entries of the normalised prompted / frozen-template text features
+    text:   mean |t - t0| over the C x E entries of normalised prompted / frozen-template text features
     image:  mean |v - v0| over all B x E entries of the normalised prompted / frozen image features
-    logits: sum of p0 * (log p0 - log p) over the batch and all C classes, divided by B * C (the official reduction)
+    logits: sum of p0 * (log p0 - log p) over the batch and all C classes, divided by B * C (released)
     """
     text = F.l1_loss(text, text_target)
     image = F.l1_loss(image, image_target)
@@ -427,10 +434,11 @@ def self_regulating_losses(text, text_target, image, image_target, logits, logit
 
 
 # -----------------------------------------------------------------------------
-# MaPLe: vision prompts are projections of the text prompts at each layer (MaPLe §3.2, arXiv 2210.03117)
+# MaPLe: vision prompts are projections of the text prompts at each layer (MaPLe §3.2, 2210.03117)
 
 class MaPLe(CoOp):
-    """n text prompts at layers 0..J-1; the vision prompts of layer i are Linear(Dt -> Dv) of layer i's text prompts."""
+    """n text prompts at layers 0..J-1; layer i's vision prompts are
+    Linear(Dt -> Dv) of its text ones."""
     frozen_image_encoder = False
 
     def __init__(self, model, classnames, n_ctx=2, ctx_init="a photo of a", depth=9):
@@ -438,7 +446,7 @@ class MaPLe(CoOp):
         Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
         self.proj = nn.Linear(Dt, Dv)  # coupling function of layer 0
         self.text_prompts = deep_prompts(n_ctx, Dt, depth)  # layers 1..J-1
-        one = nn.Linear(Dt, Dv)  # the official code deep-copies one Linear, so the J-1 deep couplings start equal
+        one = nn.Linear(Dt, Dv)  # released: one Linear deep-copied, so the J-1 couplings start equal
         self.projs = nn.ModuleList(copy.deepcopy(one) for _ in range(depth - 1))
 
     def deep_text(self):
@@ -450,51 +458,54 @@ class MaPLe(CoOp):
 
 
 # -----------------------------------------------------------------------------
-# CoCoOp: the context shifted per image by a meta-net of the image's feature (CoCoOp §3.2, arXiv 2203.05557)
+# CoCoOp: the context shifted per image by a meta-net of its feature (CoCoOp §3.2, arXiv 2203.05557)
 
 class CoCoOp(CoOp):
-    """ctx_i = ctx + pi(f(x_i)), pi = Linear(E, E/16) -> ReLU -> Linear(E/16, D) of each image's normalised, frozen
-    CLIP feature: every image has its own prompt and its own class text features, so B images against C' classes
-    encode B x C' token sequences, one image at a time as released (memory stays that of C' sequences)."""
+    """ctx_i = ctx + pi(f(x_i)), pi = Linear(E, E/16) -> ReLU -> Linear(E/16, D) of each image's
+    normalised frozen CLIP feature: every image has its own prompt and class text features, so B
+    images against C' classes encode B x C' token sequences, one image at a time as released."""
     text_per_image = True
     prompt_names = ("ctx",)  # DPC duplicates the context; the meta-net trains directly
 
     def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a"):
         super().__init__(model, classnames, n_ctx, ctx_init)
         E, D = model.visual.output_dim, model.ln_final.weight.shape[0]
-        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(E, E // 16)), ("relu", nn.ReLU(inplace=True)),
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(E, E // 16)),
+                                                   ("relu", nn.ReLU(inplace=True)),
                                                    ("linear2", nn.Linear(E // 16, D))]))
 
     def encode_text(self, class_ids=None):
-        raise NotImplementedError("CoCoOp's class texts depend on the image: use its forward (clip_prompt.class_logits)")
+        raise NotImplementedError("CoCoOp's class texts depend on the image: use its forward")
 
     def forward(self, images, class_ids=None):
         img = self.encode_image(images)  # (B, E), plain CLIP
         pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
         if class_ids is not None:
             pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
-        shifted = (self.ctx.unsqueeze(0) + self.meta_net(img).unsqueeze(1)).to(pre.dtype)  # (B, M, D): ctx_i
+        shifted = (self.ctx.unsqueeze(0) + self.meta_net(img).unsqueeze(1)).to(pre.dtype)  # (B, M, D)
         logits = []
         for f, ctx in zip(img, shifted):  # one image at a time: (E,), (M, D)
-            x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], dim=1)  # (C', 77, D)
+            x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], 1)  # (C', 77, D)
             txt = F.normalize(encode_token_embeddings(self.clip, x, eot).float(), dim=-1)  # (C', E)
             logits.append(clip_logits(self.clip, f, txt))  # (C',)
         return Output(torch.stack(logits), img.detach(), {})
 
 
 # -----------------------------------------------------------------------------
-# KgCoOp: CoOp plus a loss that keeps the learned class texts near the hand-crafted ones (KgCoOp §3, arXiv 2303.13283)
+# KgCoOp: CoOp plus a loss keeping the class texts near the hand-crafted ones
+# (KgCoOp §3, 2303.13283)
 
-KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}  # its dataset templates: CoOp's but DTD's
+KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}  # CoOp's templates but DTD's
 
 
 class KgCoOp(CoOp):
-    """Its own extra loss L_kg = w (1 - mean_c cos(g_c, g0_c)), w = 8: every class's learned text feature g_c is kept
-    near frozen CLIP's g0_c for the dataset's hand-crafted template. It needs every class's text on every training
-    step, so under MAO it encodes them all and keeps the candidates' logits (as PromptSRC does)."""
+    """Its own extra loss L_kg = w (1 - mean_c cos(g_c, g0_c)), w = 8, keeps every class's
+    learned text feature g_c near frozen CLIP's g0_c for the dataset's hand-crafted
+    template. It needs every class's text on every step, so under MAO it encodes them all
+    and keeps the candidates' logits."""
 
-    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.",
-                 kg_weight=8.0):
+    def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a",
+                 template="a photo of a {}.", kg_weight=8.0):
         super().__init__(model, classnames, n_ctx, ctx_init)
         self.template, self.kg_weight = KGCOOP_TEMPLATES.get(template, template), kg_weight
 
@@ -510,18 +521,20 @@ class KgCoOp(CoOp):
         if not self.training:
             return Output(logits, img.detach(), {})
         if self._target is None:
-            self._target = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E), normalised
-        cos = F.cosine_similarity(txt, F.normalize(self._target, dim=-1), dim=1, eps=1e-7)  # released: normalised twice
+            self._target = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E)
+        g0 = F.normalize(self._target, dim=-1)  # normalised twice, as released
+        cos = F.cosine_similarity(txt, g0, dim=1, eps=1e-7)
         return Output(logits, img.detach(), {"kg": self.kg_weight * (1.0 - cos.mean())})
 
 
 BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop")
 
 
-def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.",
-                  n_vis=4, depth=9, text_weight=25.0, image_weight=10.0, kg_weight=8.0):
-    """The prompt learner for a backbone name, on the device of the frozen CLIP. template: the dataset's hand-crafted
-    prompt (zero-shot CLIP's, and KgCoOp's frozen text targets)."""
+def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a",
+                  template="a photo of a {}.", n_vis=4, depth=9, text_weight=25.0, image_weight=10.0,
+                  kg_weight=8.0):
+    """The prompt learner for a backbone name, on the device of the frozen CLIP. template: the
+    dataset's hand-crafted prompt (zero-shot CLIP's, and KgCoOp's frozen text targets)."""
     device = model.token_embedding.weight.device
     if backbone == "zsclip":
         return ZeroShotCLIP(model, classnames, template).to(device)
@@ -530,7 +543,8 @@ def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a",
     if backbone == "ivlp":
         return IVLP(model, classnames, n_ctx, ctx_init, n_vis, depth, depth).to(device)
     if backbone == "promptsrc":
-        return PromptSRC(model, classnames, n_ctx, ctx_init, n_vis, depth, depth, text_weight, image_weight).to(device)
+        return PromptSRC(model, classnames, n_ctx, ctx_init, n_vis, depth, depth, text_weight,
+                         image_weight).to(device)
     if backbone == "maple":
         return MaPLe(model, classnames, n_ctx, ctx_init, depth).to(device)
     if backbone == "cocoop":

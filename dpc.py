@@ -1,4 +1,5 @@
-"""DPC: Dual-Prompt Collaboration (Li et al., CVPR 2025, arXiv 2503.13443) as a plug-in on any prompt learner.
+"""DPC: Dual-Prompt Collaboration (Li et al., CVPR 2025, arXiv 2503.13443) as a
+plug-in on any prompt learner.
 
 DPC never changes the backbone. Stage 1 is the backbone trained as published on the base classes, giving its prompt
 P (train.py). Stage 2, this file, in the paper's order:
@@ -27,17 +28,18 @@ from clip_prompt import class_logits, class_texts
 
 
 class DualPrompt(nn.Module):
-    """P (the stage-1 prompt, frozen) and the parallel prompt P' (trained, P' = P at the start), around any learner.
+    """P (the stage-1 prompt, frozen) and the parallel prompt P' (trained, P' = P at the
+    start), around any learner.
 
-    The backbone is untouched: its forward runs with P' substituted for its learnable tensors (functional_call).
-    param='direct' (paper): the trained tensor is P' itself, at the stage-2 learning rate.
-    param='released' (the released CoOp+DPC trainer): it stores M and runs the forward on F^-1(M) = (M - (1 - w) P) / w
-    (w = omega_b), but its P is M's own storage (the parameter is made from the loaded P without a copy), so P moves
-    with M: the forward computes (M - (1 - w) M) / w = M while autograd treats P as a constant. P' = M is therefore
-    trained directly with its gradient scaled by 1 / w: SGD at lr / w, its weight decay acting at the plain lr
-    (equivalently lr / w with weight decay w * wd; 5x the lr at w = 0.2). Below: the same arithmetic, with the
-    aliasing made explicit as M.detach().
-    """
+    The backbone is untouched: its forward runs with P' substituted for its learnable tensors
+    (functional_call). param='direct' (paper): the trained tensor is P' itself, at the
+    stage-2 learning rate. param='released' (the released CoOp+DPC trainer): it stores M and
+    runs the forward on F^-1(M) = (M - (1 - w) P) / w (w = omega_b), but its P is M's own
+    storage (the parameter is made from the loaded P without a copy), so P moves with M: the
+    forward computes (M - (1 - w) M) / w = M while autograd treats P as a constant. P' = M is
+    therefore trained directly with its gradient scaled by 1 / w: SGD at lr / w, its weight
+    decay acting at the plain lr (equivalently lr / w with weight decay w * wd; 5x the lr at
+    w = 0.2). Below: the same arithmetic, with the aliasing made explicit as M.detach()."""
 
     def __init__(self, learner, omega_b=0.2, param="direct"):
         super().__init__()
@@ -63,15 +65,17 @@ class DualPrompt(nn.Module):
         return {n: getattr(self, "P__" + self._key(n)) for n in self.names}
 
     def parallel_prompt(self):
-        """The learner's tensors as the stage-2 forward uses them (differentiable): P' and the others."""
+        """The learner's tensors as the stage-2 forward uses them
+        (differentiable): P' and the others."""
         M, w = {n: self.stored[self._key(n)] for n in self.names}, self.omega_b
         if self.param == "released":
             M.update({n: (M[n] - (1 - w) * M[n].detach()) / w for n in self.prompt})  # F^-1(M) with P aliasing M
         return M
 
     def mix(self, omega, others="trained"):
-        """omega P' + (1 - omega) P for the prompt, the other tensors as trained in stage 2 (or as stage 1 left them:
-        others='stage1'); detached, on the CPU: a learned state for learner.load_learned."""
+        """omega P' + (1 - omega) P for the prompt, the other tensors as trained in stage 2
+        (or as stage 1 left them: others='stage1'); detached, on the CPU: a learned state
+        for learner.load_learned."""
         P, Q = self.frozen_prompt(), self.parallel_prompt()
         rest = Q if others == "trained" else P
         out = {n: omega * Q[n] + (1 - omega) * P[n] if n in self.prompt else rest[n] for n in self.names}
@@ -99,10 +103,10 @@ class DualPrompt(nn.Module):
 def image_text_neighbours(learner, loader, K, device):
     """For every training image, the K base classes its frozen learner scores highest.
 
-    learner: the frozen stage-1 model (prompt P) over all base classes; loader yields (image, label, index) over the
-    training items (augmented views, as DPC ranks augmented anchors). Batched, no gradients. Returns (N, K) class ids,
-    highest similarity first (softmax would not change the order, so the logits are ranked directly).
-    """
+    learner: the frozen stage-1 model (prompt P) over all base classes; loader yields (image, label,
+    index) over the training items (augmented views, as DPC ranks augmented anchors). Batched, no
+    gradients. Returns (N, K) class ids, highest similarity first (softmax would not change the
+    order, so the logits are ranked directly)."""
     was_training = learner.training
     learner.eval()
     texts = class_texts(learner)  # (C, E), once (None: the learner's texts depend on the image)
@@ -115,8 +119,9 @@ def image_text_neighbours(learner, loader, K, device):
 
 
 class ImageTextRanking:
-    """The neighbour source HardNegativeBatchSampler asks every epoch: it re-ranks every training image on a fresh
-    augmented view with the frozen learner (P), giving an (N, K) table, one row per training item."""
+    """The neighbour source HardNegativeBatchSampler asks every epoch: it re-ranks every
+    training image on a fresh augmented view with the frozen learner (P), giving an (N, K)
+    table, one row per training item."""
 
     def __init__(self, learner, loader, K, device):
         self.learner, self.loader, self.K, self.device = learner, loader, K, device
@@ -132,17 +137,17 @@ class ImageTextRanking:
 def symmetric_contrastive_loss(logits):
     """L_CL = 1/2 [CE(L, arange) + CE(L^T, arange)] over a hard-negative batch.
 
-    logits L (B', B'): image j against the text of image k's class (one text row per image, in batch order), so
-    the matching pair is on the diagonal; rows are image->text, columns text->image.
-    """
+    logits L (B', B'): image j against the text of image k's class (one text row per image, in batch
+    order), so the matching pair is on the diagonal; rows are image->text, columns text->image."""
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))  # DPC L_CL
 
 
 def stage2_loss(dual, images, labels, backbone_losses=True):
-    """One stage-2 step: P' scores each image against its batch's classes, one text row per image (B', B'), and
-    L_CL is added to the backbone's own other losses (the paper's "parallel to other backbone losses") unless
-    backbone_losses is False (the released code: L_CL only). Returns (loss, {name: value}) for logging."""
+    """One stage-2 step: P' scores each image against its batch's classes, one text row per image
+    (B', B'), and L_CL is added to the backbone's own other losses (the paper's "parallel to other
+    backbone losses") unless backbone_losses is False (the released code: L_CL only). Returns
+    (loss, {name: value}) for logging."""
     out = dual(images, labels)  # labels double as the text rows: image k's class, in batch order
     cl = symmetric_contrastive_loss(out.logits)
     extra = out.losses if backbone_losses else {}
@@ -153,12 +158,12 @@ def stage2_loss(dual, images, labels, backbone_losses=True):
 # 4. Weighting-decoupling at inference (DPC §3.3; METHODS.md B3)
 
 def decoupled_prompts(dual, omega_b, omega_n, base_infer="mixed"):
-    """{'parallel': P', 'base': the prompt for base classes, 'new': the prompt for new classes} as learned states.
+    """{'parallel': P', 'base': the prompt for base classes, 'new': the prompt for new
+    classes} as learned states.
 
-    base = omega_b P' + (1 - omega_b) P (paper), or P' alone (base_infer='parallel', the released code);
-    new = omega_n P' + (1 - omega_n) P with the other tensors at stage 1's values, exactly stage 1 at omega_n = 0:
-    new classes keep the backbone's accuracy.
-    """
+    base = omega_b P' + (1 - omega_b) P (paper), or P' alone (base_infer='parallel', the released
+    code); new = omega_n P' + (1 - omega_n) P with the other tensors at stage 1's values, exactly
+    stage 1 at omega_n = 0: new classes keep the backbone's accuracy."""
     parallel = dual.mix(1.0)
     base = parallel if base_infer == "parallel" else dual.mix(omega_b)
     return {"parallel": parallel, "base": base, "new": dual.mix(omega_n, others="stage1")}

@@ -1,18 +1,19 @@
-"""Evaluation: accuracy on base / new / all classes, HM, re-evaluation of saved runs, transfer to other datasets.
+"""Evaluation: accuracy on base / new / all classes, re-evaluation of saved runs,
+transfer to other datasets.
 
-    python eval.py --ckpt runs/dtd/coop-mao/shots16_seed1              # a run folder, evaluated as train.py does
+    python eval.py --ckpt runs/dtd/coop-mao/shots16_seed1          # a run folder, evaluated as train.py does
     python eval.py --ckpt runs/dtd/coop-none/shots16_seed1/prompt.pt --subsample all
-    python eval.py --ckpt runs/xd-imagenet/coop-mao/shots16_seed1 --datasets xd,dg   # Table 2 targets, DG
-    python eval.py --summarize runs/ --plot runs/   # the paper's tables and figures from many runs (report.py)
+    python eval.py --ckpt runs/xd-imagenet/coop-mao/shots16_seed1 --datasets xd,dg   # Table 2, DG
+    python eval.py --summarize runs/ --plot runs/   # the papers' tables and figures (report.py)
 
-Base-to-new (CoOp protocol, MAO §4.1): base accuracy on the base test split, new accuracy on the new test split,
-HM = 2*B*N / (B+N). A MAO run holds two prompts: the base-step prompt scores the base classes and the new-step
-prompt the new classes (as the paper's ablations and official code do).
+Base-to-new (CoOp protocol, MAO §4.1): base accuracy on the base test split, new accuracy on the new
+test split, HM = 2 B N / (B + N). A MAO run holds two prompts: the base-step prompt scores the base
+classes, the new-step prompt the new classes (as the paper's ablations and official code do).
 
-Cross-dataset (MAO §4.2, Table 2): a prompt trained on all ImageNet classes (train.py --subsample all) is applied
-zero-shot to each target's full test split with the target's own class names. Domain generalisation: the same
-prompt on ImageNet-V2 / -Sketch / -A / -R (the ImageNet classes, or A/R's 200 of them).
-"""
+Cross-dataset (MAO §4.2, Table 2): a prompt trained on all ImageNet classes (train.py
+--subsample all) is applied zero-shot to each target's full test split with the target's own
+class names. Domain generalisation: the same prompt on ImageNet-V2 / -Sketch / -A / -R
+(ImageNet's classes, or 200 of them)."""
 import argparse
 import json
 import os
@@ -21,21 +22,18 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, error_line, fewshot_splits,
-                  read_splits, subsample_classes)
-
-
-def harmonic_mean(base, new):
-    """HM = 2 B N / (B + N), the headline metric of base-to-new generalisation."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+from clip_prompt import build_learner, class_logits, class_texts, load_clip
+from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, error_line,
+                  fewshot_splits, read_splits, subsample_classes)
+from report import harmonic_mean, plot, summarize
 
 
 @torch.no_grad()
 def accuracy(learner, loader, device, desc="eval"):
-    """Top-1 accuracy in % over a loader of (image, label, index); text features are computed once."""
+    """Top-1 accuracy in % over a loader of (image, label, index); text
+    features are computed once."""
     learner.eval()
-    from clip_prompt import class_logits, class_texts
-    texts = class_texts(learner)  # (C, E) once per evaluation, unless the learner's texts depend on the image
+    texts = class_texts(learner)  # (C, E) once, unless the learner's texts depend on the image
     correct = total = 0
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         logits = class_logits(learner, images.to(device), texts)  # (B, C)
@@ -45,8 +43,8 @@ def accuracy(learner, loader, device, desc="eval"):
 
 
 def test_loader(image_dir, items, transform, batch_size=100, workers=0, decoded=None):
-    return torch.utils.data.DataLoader(ImageList(image_dir, items, transform, decoded), batch_size=batch_size,
-                                       shuffle=False, num_workers=workers)
+    return torch.utils.data.DataLoader(ImageList(image_dir, items, transform, decoded),
+                                       batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 # -----------------------------------------------------------------------------
@@ -60,44 +58,47 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # not a torch file at all (text, truncated download, another format)
         raise ValueError(f"{path} is not a prompt checkpoint written by train.py: torch.load failed "
-                         f"({type(e).__name__}). Give a run folder or its base_prompt.pt / new_prompt.pt / prompt.pt") from None
+                         f"({type(e).__name__}). Give a run folder or its base_prompt.pt / "
+                         f"new_prompt.pt / prompt.pt") from None
     if not isinstance(ckpt, dict) or not {"learned", "classnames", "args"} <= set(ckpt):
-        raise ValueError(f"{path} is not a prompt checkpoint written by train.py (needs learned, classnames, args)")
+        raise ValueError(f"{path} is not a prompt checkpoint written by train.py (it needs learned, "
+                         f"classnames and args)")
     return ckpt
 
 
 def prompt_files(run):
-    """{'base': prompt for classes it was trained on, 'new': prompt for classes it never saw} of a run folder or file.
-    MAO: base_prompt.pt / new_prompt.pt; DPC: its omega_b / omega_n mixes; a backbone run: prompt.pt for both."""
+    """{'base': the prompt for classes it was trained on, 'new': for classes it never saw} of
+    a run folder or file. MAO: base_prompt.pt / new_prompt.pt; DPC: its omega_b / omega_n
+    mixes; alone: prompt.pt."""
     if os.path.isfile(run):
         return {"base": run, "new": run}
     if not os.path.isdir(run):
         raise FileNotFoundError(f"checkpoint {run} not found")
-    base = next((os.path.join(run, f) for f in ("base_prompt.pt", "prompt.pt") if os.path.isfile(os.path.join(run, f))),
-                None)
+    base = next((os.path.join(run, f) for f in ("base_prompt.pt", "prompt.pt")
+                 if os.path.isfile(os.path.join(run, f))), None)
     if base is None:
-        raise FileNotFoundError(f"{run} holds no base_prompt.pt or prompt.pt (not a train.py run, or not finished?)")
+        raise FileNotFoundError(f"{run} holds no base_prompt.pt or prompt.pt (not a train.py run, or "
+                                f"not finished?)")
     new = os.path.join(run, "new_prompt.pt")
     return {"base": base, "new": new if os.path.isfile(new) else base}
 
 
 def _setup(ckpt, overrides):
-    """(CLIP, test transform, device, arguments) for evaluating a checkpoint; overrides win over its arguments."""
-    from clip_prompt import load_clip
+    """(CLIP, test transform, device, arguments) to evaluate a checkpoint;
+    overrides beat its arguments."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "backbone" in overrides and overrides["backbone"] != ckpt["backbone"]:
         raise ValueError(f"checkpoint is a '{ckpt['backbone']}' prompt, not '{overrides['backbone']}'")
     a = dict(ckpt["args"], **overrides)
     device = a.get("device") or "auto"
     if device == "auto" or (device.startswith("cuda") and not torch.cuda.is_available()):
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU-trained prompt evaluates on CPU too
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU-trained prompt works on CPU too
     device = torch.device(device)
-    model = load_clip(a["clip"], device, a.get("precision", "auto"), cache_dir=a["root"])
+    model = load_clip(a["clip"], device, a.get("precision", "auto"))
     return model, build_transforms(model.visual.input_resolution)[1], device, a
 
 
 def _prompt_accuracy(model, ck, names, image_dir, items, test_tf, device, a, desc):
-    from clip_prompt import build_learner
     learner = build_learner(ck["backbone"], model, names, **ck.get("learner_kwargs", {}))
     learner.load_learned(ck["learned"])
     loader = test_loader(image_dir, items, test_tf, a.get("test_batch_size", 100), a.get("workers", 0))
@@ -105,7 +106,7 @@ def _prompt_accuracy(model, ck, names, image_dir, items, test_tf, device, a, des
 
 
 def evaluate_checkpoints(run, subsample=None, overrides=None):
-    """Evaluate a run folder or one prompt file on its own dataset. Returns {'base', 'new', 'hm'} (or {'all'})."""
+    """A run folder or one prompt file on its own dataset: {'base', 'new', 'hm'} (or {'all'})."""
     files = prompt_files(run)
     ckpts = {k: load_checkpoint(f) for k, f in files.items()}
     model, test_tf, device, a = _setup(ckpts["base"], overrides)
@@ -115,17 +116,20 @@ def evaluate_checkpoints(run, subsample=None, overrides=None):
         ck = ckpts["new" if which == "new" else "base"]
         sub, names = subsample_classes(splits, which)
         if ck["subsample"] == which and ck["classnames"] != names:
-            raise ValueError(f"class names of {files['new' if which == 'new' else 'base']} do not match the '{which}' "
-                             f"classes of {a['dataset']} under {a['root']}: checkpoint {ck['classnames'][:3]}..., "
-                             f"dataset {names[:3]}... (wrong --root, split file or dataset?)")
-        results[which] = _prompt_accuracy(model, ck, names, image_dir, sub["test"], test_tf, device, a, f"test {which}")
+            raise ValueError(f"class names of {files['new' if which == 'new' else 'base']} do not match "
+                             f"the '{which}' classes of {a['dataset']} under {a['root']}: checkpoint "
+                             f"{ck['classnames'][:3]}..., dataset {names[:3]}... (wrong --root, split "
+                             f"file or dataset?)")
+        results[which] = _prompt_accuracy(model, ck, names, image_dir, sub["test"], test_tf, device, a,
+                                          f"test {which}")
     if "base" in results and "new" in results:
         results["hm"] = harmonic_mean(results["base"], results["new"])
     return results
 
 
 def parse_targets(spec):
-    """'xd' (Table 2's 10 targets), 'dg' (the 4 ImageNet variants) and dataset names, comma separated."""
+    """'xd' (Table 2's 10 targets), 'dg' (the 4 ImageNet variants) and dataset
+    names, comma separated."""
     out = []
     for name in spec.split(","):
         for t in {"xd": XD_TARGETS, "dg": DG_TARGETS}.get(name.strip(), [name.strip()]):
@@ -136,10 +140,11 @@ def parse_targets(spec):
 
 
 def evaluate_transfer(run, targets, overrides=None, redo=False):
-    """Zero-shot transfer of a run's prompt to other datasets (Table 2; DG): every class of each target, its full
-    test split, its own class names in the prompt. Targets whose classes the prompt was trained on (the ImageNet
-    variants of an ImageNet run) use the base prompt, others the prompt for unseen classes (DPC's omega_n mix).
-    Each result is merged into RUN/transfer.json as soon as it exists, so an interrupted evaluation resumes."""
+    """Zero-shot transfer of a run's prompt to other datasets (Table 2; DG): every class of each
+    target, its full test split, its own class names in the prompt. Targets whose classes the prompt
+    was trained on (the ImageNet variants of an ImageNet run) use the base prompt, others the prompt
+    for unseen classes (DPC's omega_n mix). Each result is merged into RUN/transfer.json as soon as
+    it exists, so an interrupted evaluation resumes."""
     if not os.path.isdir(run):
         raise FileNotFoundError(f"{run} is not a run folder (transfer results are written into it)")
     files = prompt_files(run)
@@ -152,20 +157,23 @@ def evaluate_transfer(run, targets, overrides=None, redo=False):
     todo = [t for t in targets if t not in done["accuracy"]]
     if not todo:
         return done
-    data = {t: read_splits(t, (overrides or {}).get("root") or ckpts["base"]["args"]["root"]) for t in todo}
-    model, test_tf, device, a = _setup(ckpts["base"], overrides)  # every target folder checked before CLIP loads
+    root = (overrides or {}).get("root") or ckpts["base"]["args"]["root"]
+    data = {t: read_splits(t, root) for t in todo}  # every target folder checked before CLIP loads
+    model, test_tf, device, a = _setup(ckpts["base"], overrides)
     trained = set(ckpts["base"]["classnames"])
     for t in todo:
         (splits, image_dir) = data[t]
         sub, names = subsample_classes(splits, "all")
         which = "base" if set(names) <= trained else "new"
-        acc = _prompt_accuracy(model, ckpts[which], names, image_dir, sub["test"], test_tf, device, a, f"test {t}")
+        acc = _prompt_accuracy(model, ckpts[which], names, image_dir, sub["test"], test_tf, device, a,
+                               f"test {t}")
         done["accuracy"][t], done["prompt"][t] = acc, os.path.basename(files[which])
         done["classes"][t], done["test_images"][t] = len(names), len(sub["test"])
         with open(path + ".tmp", "w") as f:
             json.dump(done, f, indent=1)
         os.replace(path + ".tmp", path)
-        print(f"{t}: {acc:.2f} ({len(names)} classes, {len(sub['test'])} test images, {done['prompt'][t]})")
+        print(f"{t}: {acc:.2f} ({len(names)} classes, {len(sub['test'])} test images, "
+              f"{done['prompt'][t]})")
     return done
 
 
@@ -173,12 +181,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", help="a run folder written by train.py, or one prompt .pt file")
     ap.add_argument("--subsample", choices=["base", "new", "all"], help="evaluate one class split only")
-    ap.add_argument("--datasets", help="transfer targets for --ckpt (a run folder): names, 'xd' (Table 2's 10 "
-                                       "targets), 'dg' (ImageNet-V2/Sketch/A/R), comma separated")
+    ap.add_argument("--datasets", help="transfer targets of --ckpt: names, xd (Table 2), dg (ImageNet-V2/S/A/R)")
     ap.add_argument("--redo", action="store_true", help="re-evaluate targets already in transfer.json")
-    ap.add_argument("--summarize", metavar="DIR", help="tabulate every results.json under DIR (Table 1, Table 2, DG)")
+    ap.add_argument("--summarize", metavar="DIR", help="tabulate every results.json under DIR")
     ap.add_argument("--plot", metavar="DIR", help="draw Fig. 3 and Fig. 4 style PNGs from the runs under DIR")
-    ap.add_argument("--seeds", help="seeds every setting should have (default: every seed found), e.g. 1,2,3")
+    ap.add_argument("--seeds", help="seeds every setting should have, e.g. 1,2,3 (default: those found)")
     ap.add_argument("--root", help="dataset root (default: the one the checkpoint was trained with)")
     ap.add_argument("--clip", help="CLIP name or checkpoint path (default: the training one)")
     ap.add_argument("--backbone", help="expected backbone; a checkpoint of another backbone is refused")
@@ -187,7 +194,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
     if a.summarize or a.plot:
-        from report import plot, summarize
         out = None
         if a.summarize:
             out = summarize(a.summarize, seeds)

@@ -1,44 +1,45 @@
 """Top-1 pseudo-labels for the unlabeled new-class images of MAO's new step (MAO §3.3, Eq. (7)).
 
-The teacher is frozen. Paper default (Table 5's best): foundation CLIP, zero-shot with "a photo of a {}." over the
-new class names. The official code instead uses the base-step prompt learner re-targeted to the new classes
-(train.py --pseudo_labeler tuned). Either way the teacher's text features are computed once per run, and when the
-teacher's image encoder is plain frozen CLIP and the student's forward already produced those features (CoOp),
-they are reused: "shared-parameter CLIP", no second image forward.
-"""
+The teacher is frozen. Paper default (Table 5's best): foundation CLIP, zero-shot with "a photo
+of a {}." over the new class names. The released code uses the base-step prompt re-targeted to
+the new classes instead (train.py --pseudo_labeler tuned). Either way the teacher's text
+features are computed once per run, and when its image encoder is plain frozen CLIP and the
+student's forward already made those features (CoOp), they are reused: "shared-parameter CLIP",
+no second image forward."""
 import torch
 
 from clip_prompt import class_texts
 
 
 def assign_pseudo_labels(logits):
-    """t^_n = argmax_{c in C_n} softmax(<f(i_n), g(c)> / tau) -- Eq. (7), from the teacher's logits (B, N)."""
+    """t^_n = argmax_{c in C_n} softmax(<f(i_n), g(c)> / tau) -- Eq. (7); teacher logits (B, N)."""
     return logits.softmax(dim=-1).argmax(dim=-1)  # Eq. (7)
 
 
 class PseudoLabeler:
-    """Wraps a frozen teacher learner (zero-shot CLIP or the base-step prompt) over the new classes."""
+    """A frozen teacher learner (zero-shot CLIP or the base-step prompt) over the new classes."""
 
     def __init__(self, teacher):
         self.teacher = teacher.eval()
         with torch.no_grad():
-            self.text_features = class_texts(teacher)  # (N, E), once per run (None: texts depend on the image)
+            self.text_features = class_texts(teacher)  # (N, E), once (None: texts depend on the image)
         self.logit_scale = teacher.clip.logit_scale.exp().item()
 
     @torch.no_grad()
     def __call__(self, images, frozen_image_features=None):
-        """Pseudo-labels (B,) for a batch; reuses frozen CLIP image features when the teacher's encoder is CLIP's."""
-        if self.text_features is None:  # a teacher whose class texts depend on the image scores it itself
+        """Pseudo-labels (B,) of a batch; frozen CLIP image features are reused when the teacher's
+        encoder is CLIP's own."""
+        if self.text_features is None:  # a teacher whose class texts depend on the image scores it
             return assign_pseudo_labels(self.teacher(images).logits)
         if frozen_image_features is not None and self.teacher.frozen_image_encoder:
             img = frozen_image_features
         else:
             img = self.teacher.encode_image(images)
-        return assign_pseudo_labels(self.logit_scale * img.float() @ self.text_features.t())  # (B, N) logits
+        return assign_pseudo_labels(self.logit_scale * img.float() @ self.text_features.t())  # (B, N)
 
     @torch.no_grad()
     def label_dataset(self, loader, device):
-        """Pseudo-labels of every item once, on un-augmented views (train.py --pseudo_label_every epoch)."""
+        """Pseudo-labels of every item once, on un-augmented views (--pseudo_label_every epoch)."""
         labels = torch.empty(len(loader.dataset), dtype=torch.long)
         for images, _, idx in loader:
             labels[idx] = self(images.to(device)).cpu()

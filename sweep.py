@@ -1,18 +1,18 @@
-"""Run a grid of independent train.py runs: datasets x backbones x methods x seeds, skipping finished ones.
+"""A grid of independent train.py runs: datasets x backbones x methods x
+seeds, skipping finished ones.
 
-    python sweep.py --datasets demo --backbones zsclip,coop,maple,promptsrc --methods none,mao,dpc --seeds 1,2,3
-    python sweep.py --datasets all --root DATA --slice 0/4      # the first of 4 slices (one per GPU or machine)
-    python sweep.py --datasets dtd,eurosat --dry_run            # list what would run and what is done
-    python sweep.py --datasets dtd --out_suffix k4 -- --topk 4  # flags after -- go to every train.py run
-    python sweep.py --protocol xd --root DATA                   # Table 2 + DG: ImageNet all classes, then targets
+    python sweep.py --datasets demo --backbones zsclip,coop,maple --methods none,mao,dpc --seeds 1,2,3
+    python sweep.py --datasets all --root DATA --slice 0/4      # the first of 4 slices (one per GPU)
+    python sweep.py --datasets dtd,eurosat --dry_run            # what would run and what is done
+    python sweep.py --datasets dtd --out_suffix k4 -- --topk 4  # flags after -- go to every run
+    python sweep.py --protocol xd --root DATA                   # Table 2 + DG: ImageNet, then targets
 
-Base-to-new (--protocol b2n): a run is finished when its results.json exists, so an interrupted sweep resumes where
-it stopped; a run that crashes is reported and the sweep goes on. Each run is its own process (python train.py ...),
-writing to runs/<dataset>/<backbone>-<method>[-suffix]/shots<K>_seed<S> (or --runs instead of runs).
-Cross-dataset (--protocol xd): train.py --subsample all on the source (ImageNet) into runs/xd-<source>/..., then
-eval.py --datasets <targets> on the same folder; finished when transfer.json holds every target.
-Then: python eval.py --summarize runs/ --plot runs/
-"""
+Base-to-new (--protocol b2n): a run is finished when its results.json exists, so an interrupted
+sweep resumes where it stopped; a run that crashes is reported and the sweep goes on. Each run is
+its own process, writing to runs/<dataset>/<backbone>-<method>[-suffix]/shots<K>_seed<S> (--runs for
+another root). Cross-dataset (--protocol xd): train.py --subsample all on the source into
+runs/xd-<source>/..., then eval.py --datasets <targets> on the same folder; finished when
+transfer.json holds every target. Then: python eval.py --summarize runs/ --plot runs/"""
 import argparse
 import json
 import os
@@ -21,10 +21,12 @@ import sys
 import time
 
 from data import BASE_TO_NEW
+from eval import parse_targets
 
 
 def run_list(a):
-    """Every (dataset, backbone, method, seed) of the grid, in a fixed order; zero-shot CLIP once per seed."""
+    """Every (dataset, backbone, method, seed) of the grid in a fixed order;
+    zero-shot CLIP once a seed."""
     runs = []
     for ds in a.datasets:
         for seed in a.seeds:
@@ -40,7 +42,8 @@ def out_dir(a, ds, bb, m, seed):
 
 
 def missing_targets(a, run):
-    """The transfer targets an all-class run has not been evaluated on yet (all of them if transfer.json is absent)."""
+    """The transfer targets an all-class run has not been evaluated on yet
+    (all without transfer.json)."""
     path = os.path.join(out_dir(a, *run), "transfer.json")
     if not os.path.isfile(path):
         return list(a.targets)
@@ -62,25 +65,23 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--protocol", default="b2n", choices=["b2n", "xd"],
-                    help="b2n: base-to-new (Table 1); xd: train on all classes of the source, evaluate the targets")
-    ap.add_argument("--datasets", help="comma list, or 'all' for the 11 base-to-new datasets (default: demo; "
-                                       "xd: the source, imagenet)")
-    ap.add_argument("--targets", default="xd,dg", help="xd: datasets to evaluate zero-shot (see eval.py --datasets)")
+                    help="b2n: base-to-new (Table 1); xd: all classes of the source, then the targets")
+    ap.add_argument("--datasets", help="comma list, or all (the 11; default demo, xd: imagenet)")
+    ap.add_argument("--targets", default="xd,dg", help="xd: datasets evaluated zero-shot (eval.py --datasets)")
     ap.add_argument("--backbones", default="zsclip,coop,maple,promptsrc")
     ap.add_argument("--methods", default="none,mao,dpc")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--root", default="data")
     ap.add_argument("--runs", default="runs", help="folder of the run tree")
-    ap.add_argument("--out_suffix", default="", help="appended to <backbone>-<method> (for ablation sweeps)")
-    ap.add_argument("--slice", default="0/1", help="i/n: run every n-th run starting at i (spread over GPUs)")
+    ap.add_argument("--out_suffix", default="", help="appended to <backbone>-<method> (ablations)")
+    ap.add_argument("--slice", default="0/1", help="i/n: every n-th run starting at i (one slice per GPU)")
     ap.add_argument("--dry_run", action="store_true", help="list the runs and their state; run nothing")
     a = ap.parse_args(argv)
     a.datasets = a.datasets or ("demo" if a.protocol == "b2n" else "imagenet")
     a.datasets = BASE_TO_NEW if a.datasets == "all" else a.datasets.split(",")
     a.backbones, a.methods = a.backbones.split(","), a.methods.split(",")
     if a.protocol == "xd":
-        from eval import parse_targets
         a.targets = parse_targets(a.targets)
         if "zsclip" in a.backbones:
             print("--protocol xd: zero-shot CLIP has no prompt to transfer; skipping zsclip")
@@ -116,14 +117,15 @@ def main(argv=None):
 
 
 def commands(a, r, extra, st):
-    """The processes one run needs: train.py unless trained, then (xd) eval.py on the targets still missing."""
+    """The processes one run needs: train.py unless trained, then (xd) eval.py on the
+    targets still missing."""
     ds, bb, m, seed = r
     out = os.path.abspath(out_dir(a, ds, bb, m, seed))
     cmds = []
     if st in ("train", "done"):
-        cmds.append([sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m, "--seed", str(seed),
-                     "--shots", str(a.shots), "--root", os.path.abspath(a.root), "--out", out]
-                    + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
+        cmds.append([sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m,
+                     "--seed", str(seed), "--shots", str(a.shots), "--root", os.path.abspath(a.root),
+                     "--out", out] + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
     if a.protocol == "xd":
         targets = a.targets if st != "eval" else missing_targets(a, r)
         cmds.append([sys.executable, "eval.py", "--ckpt", out, "--datasets", ",".join(targets), "--root",

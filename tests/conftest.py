@@ -8,10 +8,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest
 import torch
 
-from clip_prompt import build_tiny_clip, load_clip, save_clip
-from data import make_demo
+from clip.model import CLIP
+
+from clip_prompt import load_clip, save_clip
+from demo import make_demo
 
 SPLITS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coop_splits")
+
+
+def build_tiny_clip(seed=0, width=64, layers=2, resolution=32, patch=8, embed_dim=64):
+    """A small clip.model.CLIP with CLIP's vocabulary and 77-token context (random weights, fp16-exact)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIP(embed_dim=embed_dim, image_resolution=resolution, vision_layers=layers,
+                     vision_width=width, vision_patch_size=patch, context_length=77, vocab_size=49408,
+                     transformer_width=width, transformer_heads=width // 64, transformer_layers=layers)
+    for p in model.parameters():  # saved files hold fp16 weights: make the rounding a no-op, reloads exact
+        p.data = p.data.half().float()
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_prompt import (CoOp, ZeroShotCLIP, build_learner, build_tiny_clip, encode_image, encode_token_embeddings,
+from conftest import build_tiny_clip
+from clip_prompt import (CoOp, ZeroShotCLIP, build_learner, encode_image, encode_token_embeddings,
                          load_clip)
 
 NAMES = ["red circle", "blue_square", "green triangle", "a very long class name with many words"]

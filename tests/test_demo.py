@@ -7,11 +7,11 @@ import clip
 import pytest
 import torch
 
-import pretrain_clip
-from clip_prompt import ZeroShotCLIP
+import demo
+from clip_prompt import ZeroShotCLIP, save_clip
 from data import build_transforms, fewshot_splits, subsample_classes
 import eval as evaluation
-from train import DEMO_CLIP
+from demo import DEMO_CLIP
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(DEMO_CLIP), reason=f"{DEMO_CLIP} not built yet")
 
@@ -38,21 +38,21 @@ def test_shipped_checkpoint_loads_and_is_far_above_chance(demo_root):
 def test_pretraining_lowers_the_contrastive_loss():
     import random
     torch.manual_seed(0)
-    model = pretrain_clip.build(seed=0)
-    images, tokens = pretrain_clip.batch(random.Random(99), 64, model.visual.input_resolution)  # held-out batch
+    model = demo.build(seed=0)
+    images, tokens = demo.batch(random.Random(99), 64, model.visual.input_resolution)  # held-out batch
     with torch.no_grad():
-        before = pretrain_clip.contrastive_loss(model.eval(), images, tokens).item()
-    model, losses = pretrain_clip.pretrain(steps=40, batch_size=32, lr=1e-3, seed=0, model=model, quiet=True)
+        before = demo.contrastive_loss(model.eval(), images, tokens).item()
+    model, losses = demo.pretrain(steps=40, batch_size=32, lr=1e-3, seed=0, model=model, quiet=True)
     with torch.no_grad():
-        after = pretrain_clip.contrastive_loss(model.eval(), images, tokens).item()
+        after = demo.contrastive_loss(model.eval(), images, tokens).item()
     assert after < before - 0.1, (before, after)
     assert math.isfinite(sum(losses))
 
 
 def test_saved_checkpoint_round_trips_through_clip_load(tmp_path):
-    model = pretrain_clip.build(seed=1).eval()
+    model = demo.build(seed=1).eval()
     path = str(tmp_path / "c.pt")
-    pretrain_clip.save(model, path)
+    save_clip(model, path)
     loaded, _ = clip.load(path, device="cpu")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_demo_command_end_to_end(tmp_path, demo_root):
     res = train.main(["--dataset", "demo", "--root", demo_root, "--device", "cpu", "--workers", "0", "--out", out,
                       "--shots", "4", "--epochs", "2", "--log_every", "1000", "--anchors", "2", "--topk", "3"])
     # (no --clip: the default for the demo is the shipped checkpoint)
-    assert res["args"]["clip"] == DEMO_CLIP and res["toy_model"] is False
+    assert res["args"]["clip"] == DEMO_CLIP
     assert 0 <= res["base"] <= 100 and 0 <= res["new"] <= 100
 
 
@@ -74,7 +74,8 @@ def test_the_frozen_downstream_world():
     """The design the README reports: warm classes are the base half, cool ones the new half; the downstream domain
     shifts only the warm palette and blurs every image; the demo's training crop is declared with the dataset."""
     import random
-    from data import COLOURS, DATASETS, DEMO_CLASSES, DEMO_PALETTE, render, render_demo, sample_scene
+    from data import DATASETS
+    from demo import COLOURS, DEMO_CLASSES, DEMO_PALETTE, render, render_demo, sample_scene
     assert len(DEMO_CLASSES) == 36 == len(set(DEMO_CLASSES))
     assert {c for c, _ in DEMO_CLASSES[:18]} == set(DEMO_PALETTE) == {"red", "orange", "yellow"}
     assert {c for c, _ in DEMO_CLASSES[18:]} == {"green", "blue", "purple"}

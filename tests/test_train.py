@@ -8,7 +8,7 @@ import torch
 import eval as evaluation
 import train
 from conftest import run_train
-from data import DEMO_CLASSES
+from demo import DEMO_CLASSES
 
 
 def learned(path):
@@ -21,7 +21,7 @@ def test_mao_both_steps_write_two_prompts_and_results(tmp_path, demo_root, tiny_
         assert os.path.isfile(os.path.join(out, f)), f
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    assert saved["method"] == "mao" and saved["toy_model"] is False
+    assert saved["method"] == "mao"
     for k in ("base", "new", "hm", "new_base_prompt"):
         assert 0.0 <= saved[k] <= 100.0
     assert abs(saved["hm"] - evaluation.harmonic_mean(saved["base"], saved["new"])) < 1e-9

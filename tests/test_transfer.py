@@ -12,7 +12,8 @@ import report
 import sweep
 from clip_prompt import build_learner, load_clip
 from conftest import run_train
-from data import DEMO_CLASSES, build_transforms, read_splits, subsample_classes
+from data import build_transforms, read_splits, subsample_classes
+from demo import DEMO_CLASSES
 
 TEXTURES = ["banded", "blotchy", "braided"]
 
