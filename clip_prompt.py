@@ -72,7 +72,7 @@ def load_clip(name, device="cpu", precision="auto"):
             with warnings.catch_warnings():  # torch deprecates TorchScript, the format of OpenAI's files
                 warnings.simplefilter("ignore")
                 model, _ = clip.load(name, device=device, jit=False)
-    except (RuntimeError, KeyError, AttributeError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # a file of another kind: torch.load and clip.load fail many ways
         raise ValueError(f"--clip {name}: not a CLIP checkpoint that clip.load or clip.model.build_model "
                          f"can read ({type(e).__name__}); give a model name or OpenAI's .pt file") from None
     if precision == "fp16" or (precision == "auto" and device.type == "cuda"):

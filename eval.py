@@ -216,5 +216,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {error_line(e)}")
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror
+                 else f"error: {error_line(e)}")

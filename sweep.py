@@ -125,7 +125,8 @@ def commands(a, r, extra, st):
     if st in ("train", "done"):
         cmds.append([sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m,
                      "--seed", str(seed), "--shots", str(a.shots), "--root", os.path.abspath(a.root),
-                     "--out", out] + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
+                     "--out", out, "--resume"]  # a run an earlier sweep left unfinished goes on
+                    + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
     if a.protocol == "xd":
         targets = a.targets if st != "eval" else missing_targets(a, r)
         cmds.append([sys.executable, "eval.py", "--ckpt", out, "--datasets", ",".join(targets), "--root",

@@ -19,6 +19,9 @@ prompt learner -> {the backbone alone | MAO's base and new step | DPC's two stag
 docs/flags.md explains every flag at length.
 """
 import argparse
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
@@ -99,6 +102,9 @@ RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned"
 # --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "device",
                 "precision", "workers", "test_batch_size", "out", "resume", "log_every", "cache_images"}
+# Flags a resumed run may change: where things are and how fast they run, never what is learned
+SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "resume", "log_every",
+          "cache_images", "stage", "variant"}
 
 # -----------------------------------------------------------------------------
 # Flags: one flat block, grouped as in the paper; the long form of each is in docs/flags.md
@@ -214,6 +220,12 @@ def parse_args(argv=None):
                          "--backbone promptsrc")
     if args.backbone != "kgcoop" and args.kg_weight is not None:
         raise ValueError("--kg_weight weights KgCoOp's knowledge-guided loss; use --backbone kgcoop")
+    words = len((args.ctx_init if args.ctx_init is not None else DEFAULTS["ctx_init"]).split())
+    if args.backbone in ("coop", "cocoop", "kgcoop") and args.n_ctx not in (None, words) and words:
+        raise ValueError(f"--n_ctx {args.n_ctx}: CoOp's context has one vector per word of its init phrase "
+                         f"({words}); add --ctx_init '' for {args.n_ctx} random vectors")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu (or auto)")
     stage1 = "none" if args.method == "dpc" else args.method  # DPC's stage 1 is the backbone alone
     presets = PRESETS_ALL if args.subsample == "all" else PRESETS
     preset = dict(DEFAULTS, **presets.get((args.backbone, stage1), {}),
@@ -300,20 +312,34 @@ class Meter:
     seconds its training loop waited for the data loader: results.json's "cost"."""
 
     def __init__(self, model):
-        self.counter, self.cost = EncodeCounter(model), {}
+        self.counter, self.cost, self.resumed = EncodeCounter(model), {}, 0.0
 
     @contextmanager
     def phase(self, name):
         before, t0, extra = dict(self.counter.counts), time.time(), {}
         yield extra  # the phase may add its own figures (the loader's share)
         counts = {k: v - before[k] for k, v in self.counter.counts.items()}
-        self.cost[name] = dict(counts, seconds=time.time() - t0, **extra)
+        resumed = extra.pop("resumed_seconds", 0.0)  # spent by the process a --resume continues
+        self.resumed += resumed
+        self.cost[name] = dict(counts, seconds=time.time() - t0 + resumed, **extra)
 
 
 def save_atomic(obj, path):
+    """Write whole or not at all: a crash or a full disk never leaves a truncated file under path."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash never leaves a truncated checkpoint behind
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as RuntimeError from torch's writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(getattr(e, "errno", None) or errno.EIO, f"writing failed ({str(e).splitlines()[0]})",
+                      path) from None
+
+
+def settings(args):
+    """What shapes training: a resumed run must have the same."""
+    return {k: v for k, v in vars(args).items() if k not in SYSTEM}
 
 
 def learner_kwargs(args, layers=None):
@@ -352,11 +378,12 @@ def seed_everything(seed):
 # -----------------------------------------------------------------------------
 # One training stage: SGD + warm-up / cosine, an explicit epoch loop, a checkpoint after every epoch
 
-def train_stage(stage, learner, loader, loss_fn, epochs, args, log, lr=None, aggregate=True):
+def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=None, aggregate=True):
     """Train the learner's tensors for `epochs` epochs; loss_fn(batch) -> (loss, {name: value})
     per step. With --gpa_mean > 0 (PromptSRC) and aggregate, the prompts end as their
     Gaussian-weighted epoch average. Returns {seconds, load_seconds (waiting for the loader),
-    steps, sums of every logged part}."""
+    steps, sums of every logged part} over the whole stage, resumed parts included; cost (the
+    phase's figures) gets the loader's seconds and those of the process a --resume continues."""
     device = torch.device(args.device)
     params = [p for p in learner.parameters() if p.requires_grad]
     lr0 = lr or args.lr
@@ -371,7 +398,9 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, lr=None, agg
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         start, gpa, stats = ck["epoch"] + 1, ck.get("gpa"), ck.get("stats", stats)
-        log(f"[{stage}] resumed from {last}: epoch {start}/{epochs} next")
+        log(f"[{stage}] resumed from {last}: " + (f"epoch {start + 1}/{epochs} next" if start < epochs
+                                                   else f"all {epochs} epochs done"))
+    resumed = stats["seconds"]
     n_it, t0, done = len(loader), time.time(), 0
     for epoch in range(start, epochs):
         t_epoch, load = time.time(), 0.0
@@ -418,11 +447,12 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, lr=None, agg
                      steps=stats["steps"] + len(loader), sums={k: stats["sums"].get(k, 0.0) + v
                                                                for k, v in sums.items()})
         save_atomic({"learned": state, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "gpa": gpa, "stats": stats}, last)
+                     "epoch": epoch, "gpa": gpa, "stats": stats, "settings": settings(args)}, last)
     if weights is not None:
         learner.load_learned(gpa)
         log(f"[{stage}] prompts := Gaussian average over epochs (weights "
             f"{', '.join(f'{w:.3g}' for w in weights)})")
+    cost.update(load_seconds=stats["load_seconds"], resumed_seconds=resumed)
     return stats
 
 
@@ -437,27 +467,29 @@ Data = namedtuple("Data", "image_dir base base_names new new_names decoded note"
 
 def main(argv=None):
     args = parse_args(argv)
-    seed_everything(args.seed)
-    data = load_data(args)  # everything that can fail on bad input fails before anything is written
-    model = load_clip(args.clip, args.device, args.precision)
-    loaders = Loaders(args, data, model.visual.input_resolution)
-    learner = build_model(args, model, data)
-    neighbours = mao_neighbours(args, data)
-    log = start_output(args, data, learner)
-    meter, t_train = Meter(model), time.time()
-    if args.backbone == "zsclip":
-        states, extra = {"base": learner.learned_state()}, {}  # nothing to train: the hand-made template
-    elif args.method == "none":
-        states, extra = {"base": train_backbone(args, learner, loaders, meter, log)}, {}
-    elif args.method == "mao":
-        states, extra = run_mao(args, learner, data, loaders, neighbours, meter, log)
-    else:
-        learner, states = run_dpc(args, learner, data, loaders, meter, log)
-        extra = {}
-    train_seconds = time.time() - t_train
-    with meter.phase("evaluation"):
-        res = evaluate_run(args, learner, data, loaders, states)
-    return finish(args, dict(res, train_seconds=train_seconds, cost=meter.cost, args=vars(args), **extra), log)
+    with OutputLock(args) as lock:  # a folder holding another run, or in use, is refused first
+        seed_everything(args.seed)
+        data = load_data(args)  # everything that fails on bad input fails before anything is written
+        model = load_clip(args.clip, args.device, args.precision)
+        loaders = Loaders(args, data, model.visual.input_resolution)
+        learner = build_model(args, model, data)
+        neighbours = mao_neighbours(args, data)
+        log = start_output(args, data, learner, lock)
+        meter, t_train = Meter(model), time.time()
+        if args.backbone == "zsclip":
+            states, extra = {"base": learner.learned_state()}, {}  # nothing to train: the template
+        elif args.method == "none":
+            states, extra = {"base": train_backbone(args, learner, loaders, meter, log)}, {}
+        elif args.method == "mao":
+            states, extra = run_mao(args, learner, data, loaders, neighbours, meter, log)
+        else:
+            learner, states = run_dpc(args, learner, data, loaders, meter, log)
+            extra = {}
+        train_seconds = time.time() - t_train + meter.resumed
+        with meter.phase("evaluation"):
+            res = evaluate_run(args, learner, data, loaders, states)
+        return finish(args, dict(res, train_seconds=train_seconds, cost=meter.cost, args=vars(args), **extra),
+                      log)
 
 
 def load_data(args):
@@ -494,6 +526,7 @@ def load_data(args):
     else:
         for v in sets.values():
             check_images(image_dir, v)
+    check_images(image_dir, base["test"] + new["test"])  # headers only: a broken one fails before training
     return Data(image_dir, base, base_names, new, new_names, decoded, note)
 
 
@@ -543,9 +576,66 @@ def mao_neighbours(args, data):
     return None
 
 
-def start_output(args, data, learner):
+class OutputLock:
+    """Holds --out for one run: a lock the kernel drops with its process (a killed run never blocks
+    --resume), and no second run into a folder that holds one: one folder, one run, never two mixed."""
+
+    def __init__(self, args):
+        self.args, self.file = args, None
+
+    def __enter__(self):
+        return self.claim()
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()  # also when the run fails: an in-process caller may go on
+
+    def claim(self):
+        args = self.args
+        if self.file is not None or not os.path.isdir(args.out):
+            return self
+        self.file = open(os.path.join(args.out, ".lock"), "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid, self.file = self.file.read().strip(), self.file.close()
+            raise ValueError(f"--out {args.out} is in use by a running train.py (pid {pid}): wait for it "
+                             f"to end, or choose another --out") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        self.check_folder()
+        return self
+
+    def check_folder(self):
+        args = self.args
+        ckpts = sorted(glob.glob(os.path.join(args.out, "*_last.pt")))
+        finished = os.path.isfile(os.path.join(args.out, "results.json"))
+        if args.resume:
+            for path in ckpts:
+                old, new = torch.load(path, map_location="cpu", weights_only=False).get("settings", {}), settings(args)
+                differ = [f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(set(old) | set(new))
+                          if old.get(k) != new.get(k)]
+                if differ:
+                    raise ValueError(f"--resume: {path} was trained with other settings: {', '.join(differ)}. "
+                                     f"Resume with its flags (args.json there), or train into another --out")
+            if finished:
+                print(f"{args.out} holds a finished run: its stages are complete, so only evaluation runs again")
+        elif args.stage == "new" and all("base_last" in p for p in ckpts):
+            pass  # --stage new continues a --stage base run in the same folder
+        elif finished or ckpts or os.path.isfile(os.path.join(args.out, "args.json")):
+            what = "a finished run (results.json)" if finished else "a partial run"
+            raise ValueError(f"--out {args.out} holds {what}: add --resume to "
+                             f"{'re-evaluate' if finished else 'continue'} it, or choose another --out")
+
+
+def start_output(args, data, learner, lock):
     """The output folder, log.txt and args.json: written only once every check has passed."""
     os.makedirs(args.out, exist_ok=True)
+    lock.claim()
+    for tmp in glob.glob(os.path.join(args.out, "*.tmp*")):  # what an interrupted write left behind
+        os.remove(tmp)
     log = Log(os.path.join(args.out, "log.txt"))
     if args.dataset == "demo" and args.clip == DEMO_CLIP:
         log(DEMO_NOTE)
@@ -575,7 +665,7 @@ def train_backbone(args, learner, loaders, meter, log):
         return ce + sum(out.losses.values()), {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}}
     with meter.phase("backbone") as cost:
         loader = loaders.train("base", loaders.data.base["train"], args.batch_size)
-        cost["load_seconds"] = train_stage("base", learner, loader, plain_loss, args.epochs, args, log)["load_seconds"]
+        train_stage("base", learner, loader, plain_loss, args.epochs, args, log, cost)
     save_prompt(args, learner, "prompt.pt", args.subsample, args.epochs, "base")
     return learner.learned_state()
 
@@ -594,8 +684,7 @@ def run_mao(args, learner, data, loaders, neighbours, meter, log):
         return {"base": base, "new": None}, {}
     with meter.phase("mao_new") as cost:  # the teacher's text, the labelling and the training
         labeler = pseudo_labeler(args, learner, data, base)
-        new, stats, fixed = mao_new_step(args, learner, data, loaders, labeler, log)
-        cost["load_seconds"] = stats["load_seconds"]
+        new, stats, fixed = mao_new_step(args, learner, data, loaders, labeler, log, cost)
     return {"base": base, "new": new}, {"pseudo_labels": pseudo_label_quality(args, labeler, data, loaders,
                                                                               stats, fixed, log)}
 
@@ -619,8 +708,7 @@ def mao_base_step(args, learner, data, loaders, neighbours, meter, log):
     epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # cross-dataset: base step only
     with meter.phase("mao_base") as cost:
         loader = loaders.train("base", data.base["train"], batch_sampler=sampler)
-        cost["load_seconds"] = train_stage("base", learner, loader, base_step_loss, epochs, args,
-                                           log)["load_seconds"]
+        train_stage("base", learner, loader, base_step_loss, epochs, args, log, cost)
     save_prompt(args, learner, "base_prompt.pt", args.subsample, epochs, "base")
     return learner.learned_state()
 
@@ -635,7 +723,7 @@ def pseudo_labeler(args, learner, data, base_state):
     return PseudoLabeler(teacher.requires_grad_(False))
 
 
-def mao_new_step(args, learner, data, loaders, labeler, log):
+def mao_new_step(args, learner, data, loaders, labeler, log, cost):
     """The base-step prompt on the new class names, trained on unlabeled new-class images with Top-1
     pseudo-labels of the frozen teacher (Eq. (7)) and CE over all new classes (Eq. (8)). Returns
     (the new-step prompt, the stage's statistics, the labels of --pseudo_label_every epoch)."""
@@ -658,7 +746,7 @@ def mao_new_step(args, learner, data, loaders, labeler, log):
         return ce + sum(out.losses.values()), parts
     epochs = args.epochs - args.epochs // 2 if args.stage == "both" else max(1, args.epochs // 2)
     loader = loaders.train("new", unlabeled, args.new_batch_size)
-    stats = train_stage("new", learner, loader, new_step_loss, epochs, args, log)
+    stats = train_stage("new", learner, loader, new_step_loss, epochs, args, log, cost)
     save_prompt(args, learner, "new_prompt.pt", "new", epochs, "new")
     return learner.learned_state(), stats, fixed
 
@@ -715,8 +803,8 @@ def run_dpc(args, learner, data, loaders, meter, log):
         return stage2_loss(dual, images.to(device), labels.to(device), bool(args.dpc_backbone_losses))
     with meter.phase("dpc_stage2") as cost:
         loader = loaders.train("base", data.base["train"], batch_sampler=sampler)
-        cost["load_seconds"] = train_stage("dpc", dual, loader, dpc_loss, args.dpc_epochs, args, log,
-                                           lr=args.dpc_lr, aggregate=False)["load_seconds"]
+        train_stage("dpc", dual, loader, dpc_loss, args.dpc_epochs, args, log, cost, lr=args.dpc_lr,
+                    aggregate=False)
     prompts = decoupled_prompts(dual, args.omega_b, args.omega_n, args.dpc_base_infer)
     learner = new_learner(args, learner.clip, data.base_names)  # the wrapped one is frozen
     for name, key in (("parallel_prompt.pt", "parallel"), ("base_prompt.pt", "base"), ("new_prompt.pt", "new")):
@@ -778,18 +866,33 @@ def evaluate_run(args, learner, data, loaders, states):
 def finish(args, res, log):
     """Write results.json atomically (its presence marks the run finished for
     sweep.py), print the line."""
-    line = res.pop("line")
-    path = os.path.join(args.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
-    log(line)
+    line, path = res.pop("line"), os.path.join(args.out, "results.json")
+    log(line)  # printed first: a full disk below still leaves the accuracies on the screen
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
     log(f"wrote {path}")
     return res
+
+
+def failure_line(e, argv):
+    """The one line a failure ends in: what happened, to which file, and how to go on."""
+    again = f"python train.py {' '.join(a for a in argv if a != '--resume')} --resume"
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted; continue with: {again}"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return (f"error: {e.filename}: {e.strerror}. Free space or choose a writable --out; then {again} "
+                f"continues from the last complete checkpoint")
+    return f"error: {error_line(e)}"
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {error_line(e)}")
+    except (OSError, ValueError, KeyboardInterrupt) as e:
+        sys.exit(failure_line(e, sys.argv[1:]))

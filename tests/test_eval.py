@@ -187,3 +187,12 @@ def test_compact_table_puts_the_methods_side_by_side(tmp_path):
     assert (f"| CoOp | 80.00 / 60.00 / {hm(80, 60)} | 82.00 / 66.00 / {hm(82, 66)} | 84.00 / 60.00 / {hm(84, 60)} | "
             f"10 | 30 (3.0x) | 50 (5.0x) |") in md
     assert f"| CoOp [recipe=official] |  | 81.00 / 65.00 / {hm(81, 65)} | – |  | 40 (4.0x) | – |" in md
+
+
+def test_one_unreadable_results_file_is_skipped_with_its_name(tmp_path):
+    write(str(tmp_path), "dtd", "mao", 1, 80.0, 60.0)
+    broken = os.path.join(write(str(tmp_path), "dtd", "mao", 2, 82.0, 64.0), "results.json")
+    open(broken, "w").write('{"dataset": "dtd", "ba')
+    out = report.summarize(str(tmp_path))
+    assert next(r for r in out["b2n"] if r["dataset"] == "dtd")["seeds"] == [1]
+    assert len(out["warnings"]) == 1 and broken in out["warnings"][0] and broken in out["markdown"]

@@ -127,6 +127,9 @@ def write_dataset(root, classes, n=4):
     (["--shots", "40"], ValueError, "largest valid value for this dataset is 16"),
     (["--lr", "-1"], ValueError, "--lr -1.0: must be > 0"),
     (["--momentum", "1.5"], ValueError, "momentum lies in"),
+    (["--n_ctx", "8"], ValueError, "one vector per word of its init phrase .4.; add --ctx_init ''"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--lr", "0"], ValueError, "no CUDA GPU|> 0"),
+    (["--clip", __file__], ValueError, "not a CLIP checkpoint"),
 ])
 def test_bad_settings_fail_before_writing(tmp_path, demo_root, tiny_clip_path, extra, error, match):
     with pytest.raises(error, match=match):
