@@ -1,5 +1,4 @@
-"""Frozen CLIP and the prompt learners on it: zero-shot CLIP, CoOp, IVLP,
-PromptSRC, MaPLe, CoCoOp, KgCoOp.
+"""Frozen CLIP and its prompt learners: zero-shot CLIP, CoOp, IVLP, PromptSRC, MaPLe, CoCoOp, KgCoOp.
 
 CLIP (Radford et al., 2021) is used as openai/CLIP ships it: loaded with `clip.load`, never forked
 or patched. The encoders below re-run CLIP's own submodules (token embedding, resblocks, ln_final,
@@ -45,8 +44,7 @@ from clip.model import build_model, convert_weights
 
 
 def _is_torchscript(path):
-    """OpenAI's checkpoints are TorchScript archives; a plain state dict
-    needs build_model instead."""
+    """OpenAI's checkpoints are TorchScript archives; a plain state dict needs build_model."""
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
@@ -55,12 +53,9 @@ def _is_torchscript(path):
 
 
 def load_clip(name, device="cpu", precision="auto"):
-    """Frozen CLIP from a model name ('ViT-B/16', downloaded once to
-    ~/.cache/clip) or a checkpoint path.
-
-    precision 'fp16' (the paper's setting on a GPU): CLIP's own fp16 layout
-    (clip.model.convert_weights: matmul and conv weights fp16, LayerNorms fp32), on any device;
-    'fp32', or 'auto' on a CPU: fp32. Returns the model in eval mode with every parameter frozen."""
+    """Frozen CLIP, in eval mode, from a model name ('ViT-B/16', downloaded once to ~/.cache/clip) or a
+    checkpoint path. precision 'fp16' (the paper's, on a GPU): CLIP's own fp16 layout (convert_weights:
+    matmul and conv weights fp16, LayerNorms fp32) on any device; 'fp32', or 'auto' on a CPU: fp32."""
     device = torch.device(device)
     if not os.path.isfile(name) and name not in clip.available_models():
         raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()}")
@@ -83,9 +78,8 @@ def load_clip(name, device="cpu", precision="auto"):
 
 
 def save_clip(model, path):
-    """Save as a TorchScript archive with fp16 weights, like OpenAI's files, so `clip.load(path)`
-    reads it (openai-clip 1.0.1 cannot read a plain state dict: its fallback re-reads an
-    exhausted file handle)."""
+    """A TorchScript archive with fp16 weights, like OpenAI's files, so `clip.load(path)` reads it
+    (openai-clip 1.0.1 cannot read a plain state dict: its fallback re-reads a spent file handle)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     r = model.visual.input_resolution
     example = (torch.zeros(1, 3, r, r), clip.tokenize(["a photo of a cat."]))
@@ -104,9 +98,8 @@ def save_clip(model, path):
 def encode_token_embeddings(model, x, eot, deep=None):
     """Text features from token embeddings x (C, 77, D): CLIP's encode_text after its embedding.
 
-    deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the
-    hidden state (what block i-1 produced there), for every class, with no positional
-    embedding. None = CoOp."""
+    deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the hidden
+    state (block i-1's output there), for every class, with no positional embedding. None = CoOp."""
     x = x + model.positional_embedding.type(x.dtype)  # the layer-0 context gets positions too
     x = x.permute(1, 0, 2)  # NLD -> LND (CLIP's attention is not batch_first)
     for i, block in enumerate(model.transformer.resblocks):  # each block holds the causal mask
@@ -166,24 +159,23 @@ class EncodeCounter:
             h.remove()
 
 
-# logits over the requested classes; plain-CLIP image features if the forward computed them
-# (else None); losses: the learner's own extra terms {name: scalar}, already weighted
-# (PromptSRC's SCL; {} for CoOp), which every step adds unchanged ("other possible loss
-# functions ... are maintained unchanged", MAO §3.2)
-Output = namedtuple("Output", "logits frozen_image_features losses")
+# logits over the requested classes; plain-CLIP image features if the forward computed them (else
+# None); losses: the learner's own extra terms {name: scalar}, already weighted (PromptSRC's SCL, {}
+# for CoOp), which every step adds unchanged ("other possible loss functions ... are maintained
+# unchanged", MAO §3.2); features: (image (B, E), text (C', E) or per image (B, C', E)) before the
+# cosine, for plug-ins that read them (DePT's head)
+Output = namedtuple("Output", "logits frozen_image_features losses features", defaults=(None,))
 
 
 def clip_logits(model, image_features, text_features):
-    """p(y | I) = softmax(<g(P_t,y), f(P_v, I)> / tau) as logits: cosines of normalised
-    features times CLIP's 1/tau = exp(logit_scale) (100 for the released weights) -- MAO Eq.
-    (3). (B, E), (C, E) -> (B, C)"""
+    """p(y | I) = softmax(<g(P_t,y), f(P_v, I)> / tau) as logits: cosines of normalised features times
+    CLIP's 1/tau = exp(logit_scale) (100 for the released weights) -- MAO Eq. (3). (B, E), (C, E)"""
     return model.logit_scale.exp().float() * image_features @ text_features.t()  # Eq. (3)
 
 
 def class_texts(learner):
-    """The learner's class text features (C, E), encoded once for a pass over many images; None
-    when they depend on the image (text_per_image, CoCoOp): class_logits then runs the
-    learner's forward per batch."""
+    """The learner's class text features (C, E), once for a pass over many images; None when they
+    depend on the image (text_per_image, CoCoOp): class_logits then runs its forward per batch."""
     return None if learner.text_per_image else learner.encode_text()
 
 
@@ -284,18 +276,23 @@ class CoOp(nn.Module):
         self.clip.eval()  # CLIP stays frozen and in eval mode; only the prompt trains
         return self
 
-    def encode_text(self, class_ids=None):
-        """Normalised text features for the given class ids (all classes if None). (C', E)"""
+    def text_features(self, class_ids=None):
+        """Text features of the given class ids (all classes if None), before normalisation. (C', E)"""
         pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
         if class_ids is not None:  # only the requested classes go through the text encoder
             pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
         ctx = self.ctx.to(pre.dtype).unsqueeze(0).expand(pre.shape[0], -1, -1)  # (C', M, D)
         x = torch.cat([pre, ctx, suf], dim=1)  # (C', 77, D): [SOS][V1..VM][CLASS][.][EOS]
-        return F.normalize(encode_token_embeddings(self.clip, x, eot, self.deep_text()).float(), dim=-1)
+        return encode_token_embeddings(self.clip, x, eot, self.deep_text()).float()
+
+    def image_features(self, images):
+        return encode_image(self.clip, images, *self.vision_prompts()).float()  # (B, E)
+
+    def encode_text(self, class_ids=None):
+        return F.normalize(self.text_features(class_ids), dim=-1)
 
     def encode_image(self, images):
-        x = encode_image(self.clip, images, *self.vision_prompts())
-        return F.normalize(x.float(), dim=-1)  # (B, E)
+        return F.normalize(self.image_features(images), dim=-1)
 
     def deep_text(self):
         return None  # CoOp: shallow text prompt only
@@ -305,10 +302,10 @@ class CoOp(nn.Module):
 
     def forward(self, images, class_ids=None):
         """Logits over class_ids (all classes if None), frozen image features, no extra losses."""
-        img = self.encode_image(images)  # (B, E)
-        txt = self.encode_text(class_ids)  # (C', E)
+        feats = self.image_features(images), self.text_features(class_ids)  # (B, E), (C', E)
+        img, txt = (F.normalize(x, dim=-1) for x in feats)
         frozen = img.detach() if self.frozen_image_encoder else None  # prompted ones are not CLIP's
-        return Output(clip_logits(self.clip, img, txt), frozen, {})
+        return Output(clip_logits(self.clip, img, txt), frozen, {}, feats)
 
     def learned_state(self):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -336,8 +333,7 @@ def deep_prompts(n, dim, depth):
 
 
 class IVLP(CoOp):
-    """n_t text and n_v vision prompts at each of the first J layers of each
-    encoder, independently."""
+    """n_t text and n_v vision prompts at each of the first J layers of each encoder, independent."""
     frozen_image_encoder = False  # the vision prompts change the image features
 
     def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", n_vis=4, depth_text=9,
@@ -392,8 +388,7 @@ class PromptSRC(IVLP):
 
     @property
     def text_target(self):
-        """The frozen text target: the mean of the *unnormalised* 60-template features, normalised
-        (as PromptSRC's code does)."""
+        """The frozen text target: the mean of the *unnormalised* 60-template features, normalised."""
         if self._text_target is None:
             device = self.clip.token_embedding.weight.device
             names = [c.replace("_", " ") for c in self.classnames]
@@ -404,18 +399,19 @@ class PromptSRC(IVLP):
         return self._text_target
 
     def forward(self, images, class_ids=None):
-        img = self.encode_image(images)  # (B, E), prompted
-        txt = self.encode_text()  # (C, E): every class, the text term and the KL need them all
+        feats = self.image_features(images), self.text_features()  # every class: the losses need all
+        img, txt = (F.normalize(x, dim=-1) for x in feats)  # (B, E) prompted, (C, E)
         logits_all = clip_logits(self.clip, img, txt)  # (B, C)
         logits = logits_all if class_ids is None else logits_all[:, class_ids]  # the requested ones
+        feats = feats if class_ids is None else (feats[0], feats[1][class_ids])
         if not self.training:
-            return Output(logits, None, {})
+            return Output(logits, None, {}, feats)
         with torch.no_grad():  # the frozen image encoder on the same augmented batch
             img0 = F.normalize(encode_image(self.clip, images).float(), dim=-1)  # (B, E)
         t0 = self.text_target  # (C, E)
         reg = self_regulating_losses(txt, t0, img, img0, logits_all, clip_logits(self.clip, img0, t0),
                                      self.text_weight, self.image_weight)
-        return Output(logits, img0, reg)
+        return Output(logits, img0, reg, feats)
 
 
 def self_regulating_losses(text, text_target, image, image_target, logits, logits_target,
@@ -437,8 +433,7 @@ def self_regulating_losses(text, text_target, image, image_target, logits, logit
 # MaPLe: vision prompts are projections of the text prompts at each layer (MaPLe §3.2, 2210.03117)
 
 class MaPLe(CoOp):
-    """n text prompts at layers 0..J-1; layer i's vision prompts are
-    Linear(Dt -> Dv) of its text ones."""
+    """n text prompts at layers 0..J-1; layer i's vision prompts are Linear(Dt -> Dv) of its text ones."""
     frozen_image_encoder = False
 
     def __init__(self, model, classnames, n_ctx=2, ctx_init="a photo of a", depth=9):
@@ -474,21 +469,22 @@ class CoCoOp(CoOp):
                                                    ("relu", nn.ReLU(inplace=True)),
                                                    ("linear2", nn.Linear(E // 16, D))]))
 
-    def encode_text(self, class_ids=None):
+    def text_features(self, class_ids=None):
         raise NotImplementedError("CoCoOp's class texts depend on the image: use its forward")
 
     def forward(self, images, class_ids=None):
-        img = self.encode_image(images)  # (B, E), plain CLIP
+        raw = self.image_features(images)  # (B, E), plain CLIP
+        img = F.normalize(raw, dim=-1)
         pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
         if class_ids is not None:
             pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
         shifted = (self.ctx.unsqueeze(0) + self.meta_net(img).unsqueeze(1)).to(pre.dtype)  # (B, M, D)
-        logits = []
+        logits, texts = [], []
         for f, ctx in zip(img, shifted):  # one image at a time: (E,), (M, D)
             x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], 1)  # (C', 77, D)
-            txt = F.normalize(encode_token_embeddings(self.clip, x, eot).float(), dim=-1)  # (C', E)
-            logits.append(clip_logits(self.clip, f, txt))  # (C',)
-        return Output(torch.stack(logits), img.detach(), {})
+            texts.append(encode_token_embeddings(self.clip, x, eot).float())  # (C', E)
+            logits.append(clip_logits(self.clip, f, F.normalize(texts[-1], dim=-1)))  # (C',)
+        return Output(torch.stack(logits), img.detach(), {}, (raw, torch.stack(texts)))
 
 
 # -----------------------------------------------------------------------------
@@ -514,27 +510,123 @@ class KgCoOp(CoOp):
         self._target = None  # g0, built on first training use for these class names
 
     def forward(self, images, class_ids=None):
-        img = self.encode_image(images)  # (B, E)
-        txt = self.encode_text()  # (C, E)
+        feats = self.image_features(images), self.text_features()  # (B, E), (C, E): every class
+        img, txt = (F.normalize(x, dim=-1) for x in feats)
         logits = clip_logits(self.clip, img, txt)
         logits = logits if class_ids is None else logits[:, class_ids]
+        feats = feats if class_ids is None else (feats[0], feats[1][class_ids])
         if not self.training:
-            return Output(logits, img.detach(), {})
+            return Output(logits, img.detach(), {}, feats)
         if self._target is None:
             self._target = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E)
         g0 = F.normalize(self._target, dim=-1)  # normalised twice, as released
         cos = F.cosine_similarity(txt, g0, dim=1, eps=1e-7)
-        return Output(logits, img.detach(), {"kg": self.kg_weight * (1.0 - cos.mean())})
+        return Output(logits, img.detach(), {"kg": self.kg_weight * (1.0 - cos.mean())}, feats)
 
 
-BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop")
+# -----------------------------------------------------------------------------
+# PromptKD: a student distilled from a frozen prompted teacher (PromptKD §3, arXiv 2403.02781)
+
+class PromptKD(nn.Module):
+    """The student's image encoder carries IVLP's vision prompts and a projector to the teacher's width;
+    it has no text prompt of its own: class texts are the teacher's (a PromptSRC learner, usually on a
+    larger CLIP, over every class of the dataset), and its own loss is the KL divergence towards the
+    teacher's logits over every class, at temperature T (released: weight 1000, T = 1)."""
+    frozen_image_encoder, text_per_image = False, False
+    prompt_names = ("text_ctx",)  # the teacher's text context: what DPC duplicates (else frozen)
+
+    def __init__(self, model, classnames, teacher, n_vis=4, depth=9, kd_temperature=1.0, kd_weight=1000.0):
+        super().__init__()
+        self.clip, self.teacher = model, teacher.requires_grad_(False).eval()
+        self.temperature, self.kd_weight = kd_temperature, kd_weight
+        Dv, E, Et = model.visual.conv1.out_channels, model.visual.output_dim, teacher.clip.visual.output_dim
+        self.vis_ctx = nn.Parameter(torch.empty(n_vis, Dv).normal_(std=0.02))  # layer 0, (n_v, Dv)
+        self.vis_prompts = deep_prompts(n_vis, Dv, depth)  # layers 1..J-1
+        self.projector = nn.Sequential(nn.Conv2d(E, Et, 1), nn.BatchNorm2d(Et), nn.ReLU(inplace=True),
+                                       nn.Conv2d(Et, Et, 1))  # released: 1x1 convolutions, E -> Et
+        self.text_ctx = nn.Parameter(teacher.ctx.detach().clone(), requires_grad=False)
+        with torch.no_grad():
+            self.kd_text = teacher.encode_text()  # (C_all, Et): the teacher's every class, once
+        self.set_classnames(classnames)
+
+    @property
+    def ranker(self):
+        """What DPC's hard-negative ranking asks: the teacher, as the released PromptKD+DPC ranks."""
+        return self.teacher
+
+    def set_classnames(self, classnames):
+        self.classnames = list(classnames)
+        self.teacher.set_classnames(self.classnames)  # its token buffers for the classes scored
+        self._text = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval(), self.teacher.eval()  # both CLIPs stay frozen; the projector's BatchNorm trains
+        return self
+
+    def image_features(self, images):
+        x = encode_image(self.clip, images, self.vis_ctx, list(self.vis_prompts)).float()  # (B, E)
+        return self.projector(x[:, :, None, None]).flatten(1)  # (B, Et)
+
+    def text_features(self, class_ids=None):
+        """The teacher's text encoder on the scored classes, with text_ctx as its context. (C', Et)"""
+        t = self.teacher
+        pre, suf, eot = t.token_prefix, t.token_suffix, t.eot
+        if class_ids is not None:
+            pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
+        x = torch.cat([pre, self.text_ctx.to(pre.dtype).expand(pre.shape[0], -1, -1), suf], dim=1)
+        return encode_token_embeddings(t.clip, x, eot, t.deep_text()).float()
+
+    def encode_text(self, class_ids=None):
+        if self.text_ctx.requires_grad:  # DPC trains P' here: encoded on every step
+            return F.normalize(self.text_features(class_ids), dim=-1)
+        if self._text is None:  # frozen: once per class list
+            with torch.no_grad():
+                self._text = F.normalize(self.text_features(), dim=-1)  # (C, Et)
+        return self._text if class_ids is None else self._text[class_ids]
+
+    def encode_image(self, images):
+        return F.normalize(self.image_features(images), dim=-1)
+
+    def forward(self, images, class_ids=None):
+        feats = self.image_features(images), None
+        img = F.normalize(feats[0], dim=-1)  # (B, Et)
+        out = Output(clip_logits(self.clip, img, self.encode_text(class_ids)), None, {}, feats)
+        if not self.training:
+            return out
+        with torch.no_grad():  # the teacher's logits on the same augmented images, every class
+            teacher = clip_logits(self.teacher.clip, self.teacher.encode_image(images), self.kd_text)
+        student, T = clip_logits(self.clip, img, self.kd_text), self.temperature  # (B, C_all)
+        kd = F.kl_div(F.log_softmax(student / T, dim=1), F.softmax(teacher / T, dim=1),
+                      reduction="sum") * (T * T) / student.numel()
+        return out._replace(losses={"kd": self.kd_weight * kd})
+
+    def learned_state(self):
+        """The trained tensors, the text context, and the projector's BatchNorm statistics."""
+        state = {n: p for n, p in self.named_parameters() if p.requires_grad or n == "text_ctx"}
+        state.update((n, b) for n, b in self.projector.named_buffers(prefix="projector"))
+        return {n: v.detach().cpu().clone() for n, v in state.items()}
+
+    def load_learned(self, state):
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad or n == "text_ctx"}
+        own.update(self.projector.named_buffers(prefix="projector"))
+        if set(state) != set(own):
+            raise ValueError(f"checkpoint tensors {sorted(state)} do not match the learner's {sorted(own)}")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+        self._text = None
+
+
+BACKBONES = ("zsclip", "coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop", "promptkd")
 
 
 def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a",
                   template="a photo of a {}.", n_vis=4, depth=9, text_weight=25.0, image_weight=10.0,
-                  kg_weight=8.0):
+                  kg_weight=8.0, teacher=None, kd_temperature=1.0, kd_weight=1000.0):
     """The prompt learner for a backbone name, on the device of the frozen CLIP. template: the
-    dataset's hand-crafted prompt (zero-shot CLIP's, and KgCoOp's frozen text targets)."""
+    dataset's hand-crafted prompt (zero-shot CLIP's, and KgCoOp's frozen text targets); teacher:
+    PromptKD's (a frozen PromptSRC learner over every class)."""
     device = model.token_embedding.weight.device
     if backbone == "zsclip":
         return ZeroShotCLIP(model, classnames, template).to(device)
@@ -551,4 +643,8 @@ def build_learner(backbone, model, classnames, n_ctx=4, ctx_init="a photo of a",
         return CoCoOp(model, classnames, n_ctx, ctx_init).to(device)
     if backbone == "kgcoop":
         return KgCoOp(model, classnames, n_ctx, ctx_init, template, kg_weight).to(device)
+    if backbone == "promptkd":
+        if teacher is None:
+            raise ValueError("PromptKD needs its teacher: a PromptSRC run given with --teacher RUN")
+        return PromptKD(model, classnames, teacher, n_vis, depth, kd_temperature, kd_weight).to(device)
     raise ValueError(f"unknown backbone '{backbone}'. Choose one of: {', '.join(BACKBONES)}")

@@ -22,30 +22,28 @@ from torchvision import transforms as T
 # The datasets: folder, image folder, split, zero-shot template (CoOp's CUSTOM_TEMPLATES), and the
 # training crop's scale range where it is not CoOp's RandomResizedCrop(scale=(0.08, 1))
 
-DATASETS = {name: dict(folder=folder, images=images, split=split, template=template)
-            for name, folder, images, split, template in [
-    ("imagenet", "imagenet", "images", "imagenet", "a photo of a {}."),
-    ("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json",
-     "a photo of a {}."),
-    ("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
-     "a photo of a {}, a type of pet."),
-    ("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
-    ("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
-     "a photo of a {}, a type of flower."),
-    ("food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
-    ("fgvc_aircraft", "fgvc_aircraft", "images", "fgvc", "a photo of a {}, a type of aircraft."),
-    ("sun397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
-    ("dtd", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
-    ("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
-    ("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
-     "a photo of a person doing {}."),
-    ("imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val", "imagenetv2",
-     "a photo of a {}."),
-    ("imagenet_sketch", "imagenet-sketch", "images", "wnid_folders", "a photo of a {}."),
-    ("imagenet_a", "imagenet-adversarial", "imagenet-a", "wnid_folders", "a photo of a {}."),
-    ("imagenet_r", "imagenet-rendition", "imagenet-r", "wnid_folders", "a photo of a {}."),
-    ("demo", "demo", "images", "split_demo.json", "a photo of a {}."),  # written by demo.make_demo
-]}
+_TEMPLATE = {"oxford_pets": "a photo of a {}, a type of pet.", "food101": "a photo of {}, a type of food.",
+             "oxford_flowers": "a photo of a {}, a type of flower.", "dtd": "{} texture.",
+             "fgvc_aircraft": "a photo of a {}, a type of aircraft.", "ucf101": "a photo of a person doing {}.",
+             "eurosat": "a centered satellite photo of {}."}
+DATASETS = {name: dict(folder=folder, images=images, split=split, template=_TEMPLATE.get(name, "a photo of a {}."))
+            for name, folder, images, split in [
+                ("imagenet", "imagenet", "images", "imagenet"),
+                ("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+                ("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json"),
+                ("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json"),
+                ("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+                ("food101", "food-101", "images", "split_zhou_Food101.json"),
+                ("fgvc_aircraft", "fgvc_aircraft", "images", "fgvc"),
+                ("sun397", "sun397", "SUN397", "split_zhou_SUN397.json"),
+                ("dtd", "dtd", "images", "split_zhou_DescribableTextures.json"),
+                ("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json"),
+                ("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+                ("imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val", "imagenetv2"),
+                ("imagenet_sketch", "imagenet-sketch", "images", "wnid_folders"),
+                ("imagenet_a", "imagenet-adversarial", "imagenet-a", "wnid_folders"),
+                ("imagenet_r", "imagenet-rendition", "imagenet-r", "wnid_folders"),
+                ("demo", "demo", "images", "split_demo.json")]}  # written by demo.make_demo
 # the toy world's objects fill a fifth to two thirds of an image: a crop down to 8 % cuts them away
 DATASETS["demo"]["crop"] = (0.5, 1.0)
 ALIASES = {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars",
@@ -352,18 +350,3 @@ def hide_labels(items):
     """The new step's images without their labels: only paths survive, so
     training cannot read them."""
     return [(p, -1, "") for p, _, _ in items]
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Inspect a dataset in the CoOp layout.")
-    ap.add_argument("--root", default="data")
-    ap.add_argument("--dataset", default="dtd")
-    ap.add_argument("--shots", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=1)
-    a = ap.parse_args()
-    sp, _ = fewshot_splits(a.dataset, a.root, a.shots, a.seed)
-    for which in ("base", "new"):
-        s, names = subsample_classes(sp, which)
-        print(f"{which}: {len(names)} classes, {len(s['train'])} train and {len(s['test'])} test "
-              f"images; {names[:3]}")

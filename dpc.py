@@ -1,21 +1,19 @@
-"""DPC: Dual-Prompt Collaboration (Li et al., CVPR 2025, arXiv 2503.13443) as a
-plug-in on any prompt learner.
+"""DPC: Dual-Prompt Collaboration (Li et al., CVPR 2025, arXiv 2503.13443), a plug-in on any learner.
 
-DPC never changes the backbone. Stage 1 is the backbone trained as published on the base classes, giving its prompt
-P (train.py). Stage 2, this file, in the paper's order:
-  1. parallel prompt P'      a copy of P that is trained while P stays frozen (DPC §3.1)           DualPrompt
-  2. Dynamic Hard Negative   each anchor image's Top-K base classes under frozen P, by image-text   ImageTextRanking
-     Optimizer (DHNO)        similarity, re-ranked every epoch; the batches come from MAO's batch
-                             builder (sampler.HardNegativeBatchSampler) with this ranking
-  3. L_CL                    symmetric image<->text contrastive loss over the batch (DPC §3.2)      symmetric_contrastive_loss
-  4. weighting-decoupling    base classes with omega_b P' + (1 - omega_b) P, new classes with      decoupled_prompts
-                             omega_n P' + (1 - omega_n) P (omega_n -> 0: exactly the backbone)
-"Prompt" means the tensors a learner lists in prompt_names (typically its context), or every learnable tensor when
-it lists none (MaPLe's prompts and couplings, ...). Its other learnable tensors (an image-conditioning network, say)
-train directly in stage 2, as the released PromptKD+DPC trains its tensors that are not context; base classes use
-their trained values, new classes stage 1's. The summary of the paper we have gives no equation numbers, so its
-parts are cited by name and section. Where the released code (JREion/DPC) differs from the paper:
-docs/deviations.md; each difference is a flag.
+DPC never changes the backbone. Stage 1 is the backbone trained as published on the base classes,
+giving its prompt P (train.py). Stage 2, this file, in the paper's order:
+  1. parallel prompt P'   a copy of P trained while P stays frozen (DPC §3.1)          DualPrompt
+  2. Dynamic Hard         each anchor image's Top-K base classes under frozen P, by    ImageTextRanking
+     Negative Optimizer   image-text similarity, re-ranked every epoch; the batches come
+     (DHNO)               from MAO's batch builder with this ranking
+  3. L_CL                 symmetric image<->text contrastive loss (DPC §3.2)           symmetric_contrastive_loss
+  4. weighting-           base classes: omega_b P' + (1 - omega_b) P; new classes:     decoupled_prompts
+     decoupling           omega_n P' + (1 - omega_n) P (omega_n -> 0: the backbone)
+"Prompt" means the tensors a learner lists in prompt_names (its context, typically), or every learnable
+tensor when it lists none (MaPLe's prompts and couplings). Its other learnable tensors train directly in
+stage 2, as the released PromptKD+DPC trains those that are not context; base classes use their trained
+values, new classes stage 1's. The paper summary we have numbers no equations, so parts are cited by
+name. Where the released code (JREion/DPC) differs: docs/deviations.md; each difference is a flag.
 """
 import torch
 import torch.nn as nn
@@ -47,10 +45,13 @@ class DualPrompt(nn.Module):
             raise ValueError(f"param must be 'direct' or 'released', not '{param}'")
         if param == "released" and not 0 < omega_b <= 1:
             raise ValueError(f"--dpc_param released divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
-        self.names = [n for n, p in learner.named_parameters() if p.requires_grad]
+        own, state = dict(learner.named_parameters()), learner.learned_state()
+        self.names = [n for n in state if n in own]  # P: the learned tensors (and any frozen prompt)
+        # state that no gradient trains but a forward updates (PromptKD's BatchNorm statistics): stage
+        # 1's values are kept for the classes scored with stage 1's tensors
+        self.kept = {n: v for n, v in state.items() if n not in own}
         self.prompt = [n for n in self.names if learner.prompt_names is None or n in learner.prompt_names]
         self.omega_b, self.param = omega_b, param
-        own = dict(learner.named_parameters())
         for n in self.names:
             self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
         self.stored = nn.ParameterDict({self._key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})
@@ -62,38 +63,43 @@ class DualPrompt(nn.Module):
 
     def frozen_prompt(self):
         """Stage 1's learned state: P, and the other tensors as stage 1 left them."""
-        return {n: getattr(self, "P__" + self._key(n)) for n in self.names}
+        return dict({n: getattr(self, "P__" + self._key(n)) for n in self.names}, **self.kept)
 
     def parallel_prompt(self):
-        """The learner's tensors as the stage-2 forward uses them
-        (differentiable): P' and the others."""
+        """The learner's tensors as the stage-2 forward uses them (differentiable): P' and the rest."""
         M, w = {n: self.stored[self._key(n)] for n in self.names}, self.omega_b
         if self.param == "released":
             M.update({n: (M[n] - (1 - w) * M[n].detach()) / w for n in self.prompt})  # F^-1(M) with P aliasing M
         return M
 
     def mix(self, omega, others="trained"):
-        """omega P' + (1 - omega) P for the prompt, the other tensors as trained in stage 2
-        (or as stage 1 left them: others='stage1'); detached, on the CPU: a learned state
-        for learner.load_learned."""
+        """omega P' + (1 - omega) P for the prompt, the other tensors as stage 2 trained them (or as
+        stage 1 left them: others='stage1'); detached, on the CPU: a state for learner.load_learned."""
         P, Q = self.frozen_prompt(), self.parallel_prompt()
-        rest = Q if others == "trained" else P
-        out = {n: omega * Q[n] + (1 - omega) * P[n] if n in self.prompt else rest[n] for n in self.names}
+        rest = dict(Q, **self.updated()) if others == "trained" else P
+        out = {n: omega * Q[n] + (1 - omega) * P[n] if n in self.prompt else rest[n] for n in P}
         return {n: v.detach().cpu().clone() for n, v in out.items()}
+
+    def updated(self):
+        """The state a stage-2 forward updated in place (kept apart in self.kept at the start)."""
+        return {n: v for n, v in self.learner.learned_state().items() if n in self.kept}
 
     def forward(self, images, class_ids=None):
         return torch.func.functional_call(self.learner, self.parallel_prompt(), (images, class_ids), strict=False)
 
-    def learned_state(self):  # the stored trainable tensors (P' itself in both modes), for checkpoints and resume
-        return {n: self.stored[self._key(n)].detach().cpu().clone() for n in self.names}
+    def learned_state(self):  # the stored trainable tensors (P' itself in both modes), for resume
+        return dict({n: self.stored[self._key(n)].detach().cpu().clone() for n in self.names},
+                    **self.updated())
 
     def load_learned(self, state):
-        if set(state) != set(self.names):
+        if set(state) != set(self.names) | set(self.kept):
             raise ValueError(f"checkpoint tensors {sorted(state)} do not match {sorted(self.names)}")
         with torch.no_grad():
             for n in self.names:
                 p = self.stored[self._key(n)]
                 p.copy_(state[n].to(p.device, p.dtype))
+        if self.kept:  # the learner's own updated state, its learned tensors as stage 1 left them
+            self.learner.load_learned(dict(self.frozen_prompt(), **{n: state[n] for n in self.kept}))
 
 
 # -----------------------------------------------------------------------------
@@ -107,6 +113,7 @@ def image_text_neighbours(learner, loader, K, device):
     index) over the training items (augmented views, as DPC ranks augmented anchors). Batched, no
     gradients. Returns (N, K) class ids, highest similarity first (softmax would not change the
     order, so the logits are ranked directly)."""
+    learner = getattr(learner, "ranker", learner)  # PromptKD ranks with its teacher, as released
     was_training = learner.training
     learner.eval()
     texts = class_texts(learner)  # (C, E), once (None: the learner's texts depend on the image)
@@ -158,8 +165,7 @@ def stage2_loss(dual, images, labels, backbone_losses=True):
 # 4. Weighting-decoupling at inference (DPC §3.3; METHODS.md B3)
 
 def decoupled_prompts(dual, omega_b, omega_n, base_infer="mixed"):
-    """{'parallel': P', 'base': the prompt for base classes, 'new': the prompt for new
-    classes} as learned states.
+    """{'parallel': P', 'base': the prompt for base classes, 'new': the one for new classes}.
 
     base = omega_b P' + (1 - omega_b) P (paper), or P' alone (base_infer='parallel', the released
     code); new = omega_n P' + (1 - omega_n) P with the other tensors at stage 1's values, exactly

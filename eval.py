@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from clip_prompt import build_learner, class_logits, class_texts, load_clip
+from dept import DePT
 from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, error_line,
                   fewshot_splits, read_splits, subsample_classes)
 from report import harmonic_mean, plot, summarize
@@ -98,9 +99,42 @@ def _setup(ckpt, overrides):
     return model, build_transforms(model.visual.input_resolution)[1], device, a
 
 
-def _prompt_accuracy(model, ck, names, image_dir, items, test_tf, device, a, desc):
-    learner = build_learner(ck["backbone"], model, names, **ck.get("learner_kwargs", {}))
-    learner.load_learned(ck["learned"])
+def load_teacher(run, classnames, device, precision="auto", base_names=None, resolution=None):
+    """PromptKD's teacher: the PromptSRC run at `run` (its CLIP, prompt and classes), frozen, over
+    classnames; refused in one line when its classes or its CLIP's input size do not fit."""
+    ck = load_checkpoint(prompt_files(run)["base"])
+    if ck["backbone"] != "promptsrc":
+        raise ValueError(f"--teacher {run}: PromptKD's teacher is a PromptSRC run, not {ck['backbone']}")
+    if base_names is not None and ck["classnames"] != list(base_names):
+        raise ValueError(f"--teacher {run} was trained on other classes ({', '.join(ck['classnames'][:3])}, "
+                         f"...) than these base classes ({', '.join(base_names[:3])}, ...)")
+    model = load_clip(ck["args"]["clip"], device, precision)
+    if resolution and model.visual.input_resolution != resolution:
+        raise ValueError(f"--teacher {run}: its CLIP takes {model.visual.input_resolution} px images, the "
+                         f"student's {resolution} px")
+    teacher = build_learner("promptsrc", model, classnames, **ck["learner_kwargs"])
+    teacher.load_learned(ck["learned"])
+    return teacher.requires_grad_(False).eval()
+
+
+def prompt_learner(model, ck, names, device, all_names=None):
+    """The learner a prompt file describes, over names: with DePT's head when it has one (its rows for
+    names), with PromptKD's teacher (over all_names)."""
+    kw = dict(ck.get("learner_kwargs", {}))
+    if ck["backbone"] == "promptkd":
+        kw["teacher"] = load_teacher(ck["args"]["teacher"], all_names or names, device, ck["args"]["precision"])
+    learner = build_learner(ck["backbone"], model, names, **kw)
+    state = dict(ck["learned"])
+    if any(n.startswith("head.") for n in state):  # a DePT run's prompt for the classes it trained on
+        rows = [ck["classnames"].index(n) for n in names]
+        state.update({n: state[n][rows] for n in ("head.head.weight", "head.head.bias")})
+        learner = DePT(learner, ck["args"]["dept_weight"], ck["args"]["dept_lr_scale"]).to(device)
+    learner.load_learned(state)
+    return learner
+
+
+def _prompt_accuracy(model, ck, names, image_dir, items, test_tf, device, a, desc, all_names=None):
+    learner = prompt_learner(model, ck, names, device, all_names)
     loader = test_loader(image_dir, items, test_tf, a.get("test_batch_size", 100), a.get("workers", 0))
     return accuracy(learner, loader, device, desc=desc)
 
@@ -121,7 +155,7 @@ def evaluate_checkpoints(run, subsample=None, overrides=None):
                              f"{ck['classnames'][:3]}..., dataset {names[:3]}... (wrong --root, split "
                              f"file or dataset?)")
         results[which] = _prompt_accuracy(model, ck, names, image_dir, sub["test"], test_tf, device, a,
-                                          f"test {which}")
+                                          f"test {which}", subsample_classes(splits, "all")[1])
     if "base" in results and "new" in results:
         results["hm"] = harmonic_mean(results["base"], results["new"])
     return results

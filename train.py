@@ -3,20 +3,14 @@
     python train.py --backbone coop --dataset dtd --root DATA    # CoOp + MAO: base step, then new step
     python train.py --backbone coop --dataset dtd --method none  # the CoOp baseline of MAO's Table 1
     python train.py --backbone coop --dataset dtd --method dpc   # DPC: the backbone, then P'
-    python train.py --backbone zsclip --dataset dtd              # zero-shot CLIP (nothing to train)
     python train.py --dataset demo                               # the toy world, shipped demo CLIP
-    python train.py --dataset imagenet --subsample all           # cross-dataset source run (Table 2)
 
-MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two halves (§3.2-3.3):
-  base step  hard-negative batches (sampler.py, Eq. (4)), CE over the batch's classes only (Eq. (5)-(6))
-  new step   the base-step prompt on the new class names, trained on few-shot *unlabeled* new-class
-             images with Top-1 zero-shot pseudo-labels (pseudolabel.py, Eq. (7)), CE over C_n (Eq. (8))
-The learner never knows: MAO acts only through the batches, candidates and labels it gives it. Base
-accuracy uses the base-step prompt, new accuracy the new-step prompt (METHODS.md A1). DPC (dpc.py) runs
-after the backbone alone (stage 1, its prompt P): stage 2 trains a parallel prompt P' on hard negatives
-ranked by P, and inference mixes the two. main() reads as the paper's Fig. 2: data -> frozen CLIP ->
-prompt learner -> {the backbone alone | MAO's base and new step | DPC's two stages} -> evaluation.
-docs/flags.md explains every flag at length.
+MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two halves (§3.2-3.3): the
+base step trains on hard-negative batches (sampler.py, Eq. (4)) with CE over each batch's classes only
+(Eq. (5)-(6)); the new step trains the same prompt on *unlabeled* new-class images with Top-1 zero-shot
+pseudo-labels (pseudolabel.py, Eq. (7)) and CE over all new classes (Eq. (8)). DPC (dpc.py) trains a
+parallel prompt after the backbone alone. main() reads as the paper's Fig. 2: data -> frozen CLIP ->
+prompt learner -> {alone | MAO's two steps | DPC's two stages} -> evaluation. docs/flags.md has every flag.
 """
 import argparse
 import errno
@@ -38,10 +32,11 @@ from tqdm import tqdm
 
 from clip_prompt import BACKBONES, EncodeCounter, ZeroShotCLIP, build_learner, load_clip
 from data import (DATASETS, ImageList, build_transforms, check_images, dataset_spec, decode_all,
-                  error_line, fewshot_splits, hide_labels, subsample_classes)
+                  error_line, fewshot_splits, hide_labels, read_splits, subsample_classes)
 from demo import DEMO_CLIP, make_demo
+from dept import DePT, dept_loss
 from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
-from eval import accuracy, load_checkpoint, test_loader
+from eval import accuracy, load_checkpoint, load_teacher, test_loader
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
 from report import harmonic_mean
@@ -52,9 +47,8 @@ from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
 
 DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8,
                 n_vis=4, depth=9, gpa_mean=0, gpa_std=0)
-# The baselines of MAO's Table 1 (and DPC's stage 1): MAO Supp. B runs every backbone "with
-# unified epochs ep = 20 and learning rate lr = 0.002", batch 32; --baseline_recipe published
-# uses the authors' configs.
+# MAO Table 1's baselines (and DPC's stage 1): MAO Supp. B runs every backbone "with unified epochs
+# ep = 20 and learning rate lr = 0.002", batch 32; --baseline_recipe published: the authors' configs
 MAO_BASELINE = dict(epochs=20, lr=0.002, batch_size=32)
 SRC = dict(gpa_mean=15, gpa_std=1, text_weight=25.0, image_weight=10.0)  # PromptSRC's own terms and GPA
 PRESETS = {  # (backbone, method): what differs from DEFAULTS (BACKBONES.md §3-§12, MAO Supp. B)
@@ -70,37 +64,36 @@ PRESETS = {  # (backbone, method): what differs from DEFAULTS (BACKBONES.md §3-
     ("cocoop", "mao"): dict(lr=0.0035),
     ("kgcoop", "none"): dict(epochs=100, batch_size=128, kg_weight=8.0),  # vit_b16_ep100_ctxv1, W = 8
     ("kgcoop", "mao"): dict(lr=0.0035, kg_weight=8.0),
+    # PromptKD (its vit_b16_c2_ep20_batch8_4+4ctx, base2new_train.sh): T = 1, KD weight 1000
+    ("promptkd", "none"): dict(lr=0.005, batch_size=8, kd_temperature=1.0, kd_weight=1000.0),
+    ("promptkd", "mao"): dict(lr=0.0035, kd_temperature=1.0, kd_weight=1000.0),
+    # DePT (Koorye/DePT's train.py and configs: 10 epochs, batch 4, lr 0.0035; its CoOp: 16 random
+    # context vectors; its KgCoOp: W = 2); IVLP and PromptSRC have no released DePT trainer
+    ("coop", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=16, ctx_init=""),
+    ("cocoop", "dept"): dict(epochs=10, lr=0.0035, batch_size=4),
+    ("kgcoop", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, kg_weight=2.0),
+    ("maple", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=2),
+    ("ivlp", "dept"): dict(epochs=10, lr=0.0035, batch_size=4),
+    ("promptsrc", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, **SRC),
 }
-# Cross-dataset / DG source runs (--subsample all): the backbones' published XD configs
-# (BACKBONES.md §11.2); MAO trains its base step only, 5 epochs at lr 0.0035 (MAO Supp.
-# B), on the XD structure
-PRESETS_ALL = {
-    ("coop", "none"): dict(epochs=50),  # vit_b16_ep50_ctxv1
-    ("coop", "mao"): dict(epochs=5, lr=0.0035),
-    ("maple", "none"): dict(epochs=2, lr=0.0026, batch_size=4, n_ctx=2, depth=3),  # ..._2ctx_cross_datasets
-    ("maple", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=2, depth=3),
-    ("promptsrc", "none"): dict(lr=0.0025, batch_size=4, depth=3, **dict(SRC, gpa_mean=6, gpa_std=10)),
-    ("promptsrc", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, depth=3, **dict(SRC, gpa_mean=6, gpa_std=10)),
-    ("ivlp", "none"): dict(lr=0.0025, batch_size=4, depth=3),
-    ("ivlp", "mao"): dict(epochs=5, lr=0.0035, batch_size=4, depth=3),
-    ("cocoop", "none"): dict(epochs=10, batch_size=1),
-    ("cocoop", "mao"): dict(epochs=5, lr=0.0035),
-    ("kgcoop", "none"): dict(epochs=100, batch_size=128, kg_weight=8.0),
-    ("kgcoop", "mao"): dict(epochs=5, lr=0.0035, kg_weight=8.0),
-}
+# Cross-dataset / DG source runs (--subsample all): the published XD configs (BACKBONES.md §11.2);
+# MAO trains its base step only, 5 epochs at lr 0.0035 (MAO Supp. B), on the XD structure (depth 3)
+XD_STRUCTURE = {"maple": dict(depth=3), "promptsrc": dict(depth=3, gpa_mean=6, gpa_std=10), "ivlp": dict(depth=3)}
+XD_ALONE = {"coop": dict(epochs=50), "maple": dict(epochs=2, lr=0.0026)}  # vit_b16_ep50_ctxv1, ..._2ctx_cross
+PRESETS_ALL = {(b, m): dict(v, **XD_STRUCTURE.get(b, {}), **(dict(epochs=5, lr=0.0035) if m == "mao" else
+                                                              XD_ALONE.get(b, {}) if m == "none" else {}))
+               for (b, m), v in PRESETS.items()}
 # MAO Supp. B / §4.4: anchors b and Top-K per dataset (b * K must not exceed the base classes)
 DATASET_PRESETS = {"dtd": dict(anchors=2), "oxford_pets": dict(anchors=2), "eurosat": dict(anchors=2, topk=2),
                    "demo": dict(anchors=2)}
-# Where MAO and DPC leave a choice: the papers' behaviour, or (--recipe
-# official) the released code's
+# Where MAO and DPC leave a choice: the papers' behaviour, or (--recipe official) the released code's
 PAPER_BEHAVIOUR = dict(ar_dedup=1, pseudo_labeler="clip", released_batches=0, dpc_param="direct",
                        dpc_base_infer="mixed", dpc_backbone_losses=1)
 RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned", released_batches=1,
                           dpc_param="released", dpc_base_infer="parallel", dpc_backbone_losses=0)
-# Flags that do not change what is learned; any other flag away from its paper value makes
-# a "variant" (results.json), tabulated apart from the paper setting (ablations, the
-# --topk / --new_shots curves)
-NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "device",
+# Flags that do not change what is learned; any other one away from its paper value makes a "variant"
+# (results.json), tabulated apart from the paper setting (ablations, the --topk / --new_shots curves)
+NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "teacher", "device",
                 "precision", "workers", "test_batch_size", "out", "resume", "log_every", "cache_images"}
 # Flags a resumed run may change: where things are and how fast they run, never what is learned
 SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "resume", "log_every",
@@ -128,8 +121,11 @@ ap.add_argument("--image_weight", type=float, help="PromptSRC's L_SCL image weig
 ap.add_argument("--kg_weight", type=float, help="lambda: KgCoOp's knowledge-guided loss weight (8)")
 ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA mean epoch (15; 0 = off)")
 ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA std (1)")
+ap.add_argument("--teacher", help="PromptKD's teacher: a PromptSRC run folder of this project")
+ap.add_argument("--kd_temperature", type=float, help="T: PromptKD's distillation temperature (1)")
+ap.add_argument("--kd_weight", type=float, help="PromptKD's KD loss weight (1000; Aircraft, Flowers 200)")
 # -- MAO --
-ap.add_argument("--method", default="mao", choices=["mao", "none", "dpc"], help="the plug-in, or none")
+ap.add_argument("--method", default="mao", choices=["mao", "none", "dpc", "dept"], help="the plug-in, or none")
 ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="MAO steps to run")
 ap.add_argument("--baseline_recipe", default="mao", choices=["mao", "published"],
                 help="recipe of the backbone alone: MAO Supp. B's, or its authors'")
@@ -153,6 +149,9 @@ ap.add_argument("--dpc_lr", type=float, default=0.002, help="DPC stage-2 learnin
 ap.add_argument("--dpc_param", choices=["direct", "released"], help="how P' is updated (direct)")
 ap.add_argument("--dpc_base_infer", choices=["mixed", "parallel"], help="base classes' prompt (mixed)")
 ap.add_argument("--dpc_backbone_losses", type=int, choices=[0, 1], help="backbone losses beside L_CL (1)")
+# -- DePT --
+ap.add_argument("--dept_weight", type=float, default=0.7, help="w: DePT's weight of its head (0.7)")
+ap.add_argument("--dept_lr_scale", type=float, default=6.5, help="DePT head's lr multiple (6.5)")
 # -- optim --
 ap.add_argument("--epochs", type=int, help="epoch budget; MAO gives half to each step (20)")
 ap.add_argument("--lr", type=float, help="SGD learning rate (0.002; MAO 0.0035)")
@@ -195,9 +194,9 @@ def setting_changes(args, preset):
     paper = dict(preset, shots=16, new_shots=args.shots, stage=PARSER.get_default("stage"))
     if "distinct_anchors" not in paper:  # MAO: follows --ar_dedup (one text row per image: repeats)
         paper["distinct_anchors"] = args.ar_dedup if args.method == "mao" and args.ar_dedup is not None else 1
-    if args.method == "mao" or args.subsample == "all" or args.backbone == "zsclip":
+    if args.method in ("mao", "dept") or args.subsample == "all" or args.backbone in ("zsclip", "promptkd"):
         paper["baseline_recipe"] = args.baseline_recipe  # no backbone-alone training to change
-    if args.method == "none":
+    if args.method in ("none", "dept"):
         paper["recipe"] = args.recipe  # the backbone alone has no released MAO / DPC behaviour
     if args.subsample == "all":
         paper["stage"] = args.stage  # forced to the base step below
@@ -220,6 +219,12 @@ def parse_args(argv=None):
                          "--backbone promptsrc")
     if args.backbone != "kgcoop" and args.kg_weight is not None:
         raise ValueError("--kg_weight weights KgCoOp's knowledge-guided loss; use --backbone kgcoop")
+    if (args.backbone == "promptkd") != bool(args.teacher) or (args.backbone != "promptkd" and (
+            args.kd_weight is not None or args.kd_temperature is not None)):
+        raise ValueError("--backbone promptkd goes with --teacher RUN (a PromptSRC run: python train.py "
+                         "--backbone promptsrc --method none); --teacher, --kd_* belong to PromptKD alone")
+    if args.method == "dept" and args.backbone in ("zsclip", "promptkd"):
+        raise ValueError(f"--method dept needs a learner with a prompt and class texts; not {args.backbone}")
     words = len((args.ctx_init if args.ctx_init is not None else DEFAULTS["ctx_init"]).split())
     if args.backbone in ("coop", "cocoop", "kgcoop") and args.n_ctx not in (None, words) and words:
         raise ValueError(f"--n_ctx {args.n_ctx}: CoOp's context has one vector per word of its init phrase "
@@ -232,7 +237,10 @@ def parse_args(argv=None):
                   **DATASET_PRESETS.get(args.dataset, {}), **PAPER_BEHAVIOUR)
     if args.recipe == "official":
         preset.update(RELEASED_BEHAVIOUR)
-    if stage1 == "none" and args.subsample == "base" and args.baseline_recipe == "mao":
+    if args.backbone == "promptkd" and args.dataset in ("fgvc_aircraft", "oxford_flowers"):
+        preset["kd_weight"] = 200.0  # base2new_train.sh
+    if stage1 == "none" and args.subsample == "base" and args.baseline_recipe == "mao" and \
+            args.backbone != "promptkd":  # MAO and DPC report PromptKD with its own recipe
         preset.update(MAO_BASELINE)
     elif (args.backbone, stage1) == ("coop", "none") and args.dataset == "imagenet":
         preset["epochs"] = 50  # vit_b16_ep50_ctxv1
@@ -351,13 +359,15 @@ def learner_kwargs(args, layers=None):
         kw.update(text_weight=args.text_weight, image_weight=args.image_weight)
     if args.backbone == "kgcoop":
         kw.update(kg_weight=args.kg_weight)
+    if args.backbone == "promptkd":
+        kw.update(kd_temperature=args.kd_temperature, kd_weight=args.kd_weight)
     return kw
 
 
-def new_learner(args, model, names):
+def new_learner(args, model, names, teacher=None):
     layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
     return build_learner(args.backbone, model, names, template=DATASETS[args.dataset]["template"],
-                         **learner_kwargs(args, layers))
+                         teacher=teacher, **learner_kwargs(args, layers))
 
 
 def save_prompt(args, learner, name, subsample, epochs, stage):
@@ -385,9 +395,11 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
     steps, sums of every logged part} over the whole stage, resumed parts included; cost (the
     phase's figures) gets the loader's seconds and those of the process a --resume continues."""
     device = torch.device(args.device)
-    params = [p for p in learner.parameters() if p.requires_grad]
     lr0 = lr or args.lr
-    opt = torch.optim.SGD(params, lr=lr0, momentum=args.momentum, weight_decay=args.weight_decay)
+    groups = learner.param_groups(lr0) if hasattr(learner, "param_groups") else [  # DePT: staged
+        {"params": [p for p in learner.parameters() if p.requires_grad], "lr": lr0}]
+    opt = torch.optim.SGD([dict(g, base_lr=g["lr"]) for g in groups], lr=lr0, momentum=args.momentum,
+                          weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP: scale the loss
     last = os.path.join(args.out, f"{stage}_last.pt")
     start, gpa, stats = 0, None, dict(seconds=0.0, load_seconds=0.0, steps=0, sums={})
@@ -406,7 +418,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
         t_epoch, load = time.time(), 0.0
         lr = lr_at(epoch, epochs, args, lr0)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(epoch, epochs, args, g["base_lr"])
         # every epoch's randomness depends on (seed, epoch) only, so a resumed run
         # repeats an uninterrupted one
         torch.manual_seed(args.seed * 10_000 + epoch)
@@ -462,7 +474,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
 
 DEMO_NOTE = ("Toy world (README, 'The embedded demo'): a small CLIP pretrained here on synthetic captioned "
              "shapes, 36 colour-shape classes. Its numbers describe this task, not the paper's benchmarks.")
-Data = namedtuple("Data", "image_dir base base_names new new_names decoded note")
+Data = namedtuple("Data", "image_dir base base_names new new_names distil decoded note")
 
 
 def main(argv=None):
@@ -482,9 +494,11 @@ def main(argv=None):
             states, extra = {"base": train_backbone(args, learner, loaders, meter, log)}, {}
         elif args.method == "mao":
             states, extra = run_mao(args, learner, data, loaders, neighbours, meter, log)
-        else:
+        elif args.method == "dpc":
             learner, states = run_dpc(args, learner, data, loaders, meter, log)
             extra = {}
+        else:
+            learner, states, extra = *run_dept(args, learner, data, loaders, meter, log), {}
         train_seconds = time.time() - t_train + meter.resumed
         with meter.phase("evaluation"):
             res = evaluate_run(args, learner, data, loaders, states)
@@ -516,8 +530,11 @@ def load_data(args):
                          f"target: python eval.py --ckpt RUN --datasets {args.dataset})")
     if args.method == "mao" and args.stage in ("both", "new") and not new["train"]:
         raise ValueError("the new step needs unlabeled new-class training images; the new split is empty")
-    sets = {"base": base["train"], "new": new["train"] if args.method == "mao" else []}
-    decoded, note = {"base": None, "new": None}, None
+    distil = None  # PromptKD distils on every training image of every class, unlabeled, as released
+    if args.backbone == "promptkd" and args.method in ("none", "dpc") and not args.init_from:
+        distil = hide_labels(subsample_classes(read_splits(args.dataset, args.root)[0], "all")[0]["train"])
+    sets = {"base": base["train"], "new": new["train"] if args.method == "mao" else [], "distil": distil or []}
+    decoded, note = {k: None for k in sets}, None
     if args.cache_images:
         decoded = {k: decode_all(image_dir, v, args.workers) for k, v in sets.items()}
         mb = sum(im.width * im.height * 3 for v in decoded.values() for im in v) / 2**20
@@ -527,7 +544,7 @@ def load_data(args):
         for v in sets.values():
             check_images(image_dir, v)
     check_images(image_dir, base["test"] + new["test"])  # headers only: a broken one fails before training
-    return Data(image_dir, base, base_names, new, new_names, decoded, note)
+    return Data(image_dir, base, base_names, new, new_names, distil, decoded, note)
 
 
 class Loaders:
@@ -558,7 +575,11 @@ def build_model(args, model, data):
     layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
     if args.backbone in ("maple", "ivlp", "promptsrc") and args.depth > layers:
         print(f"--depth {args.depth} exceeds the {layers} layers of this CLIP: prompting all {layers}")
-    learner = new_learner(args, model, data.base_names)
+    teacher = None
+    if args.backbone == "promptkd":  # refused here if its classes or its CLIP do not fit
+        teacher = load_teacher(args.teacher, data.base_names + data.new_names, args.device, args.precision,
+                               data.base_names, model.visual.input_resolution)
+    learner = new_learner(args, model, data.base_names, teacher)
     if args.init_from:
         if args.init_from == os.path.join(args.out, "base_prompt.pt") and not os.path.isfile(args.init_from):
             raise FileNotFoundError(f"--stage new needs the base-step prompt: give --init_from or run "
@@ -656,15 +677,19 @@ def start_output(args, data, learner, lock):
 # The backbone alone (Table 1's baselines; DPC's stage 1): CE over all base classes, Eq. (2)-(3)
 
 def train_backbone(args, learner, loaders, meter, log):
-    device = torch.device(args.device)
+    device, data = torch.device(args.device), loaders.data
 
     def plain_loss(batch):
         images, labels, _ = batch
         out = learner(images.to(device))  # logits over all base classes
+        parts = {k: v.item() for k, v in out.losses.items()}
+        if data.distil is not None:  # PromptKD: its own loss only, the images unlabeled
+            return sum(out.losses.values()), parts
         ce = cross_entropy(out.logits, labels.to(device))  # Eq. 2
-        return ce + sum(out.losses.values()), {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}}
+        return ce + sum(out.losses.values()), {"ce": ce.item(), **parts}
     with meter.phase("backbone") as cost:
-        loader = loaders.train("base", loaders.data.base["train"], args.batch_size)
+        which = "distil" if data.distil is not None else "base"
+        loader = loaders.train(which, data.distil or data.base["train"], args.batch_size)
         train_stage("base", learner, loader, plain_loss, args.epochs, args, log, cost)
     save_prompt(args, learner, "prompt.pt", args.subsample, args.epochs, "base")
     return learner.learned_state()
@@ -718,7 +743,7 @@ def pseudo_labeler(args, learner, data, base_state):
     5) or the base-step prompt (released code)."""
     if args.pseudo_labeler == "clip":
         return PseudoLabeler(ZeroShotCLIP(learner.clip, data.new_names, "a photo of a {}."))
-    teacher = new_learner(args, learner.clip, data.new_names)
+    teacher = new_learner(args, learner.clip, data.new_names, getattr(learner, "teacher", None))
     teacher.load_learned(base_state)
     return PseudoLabeler(teacher.requires_grad_(False))
 
@@ -806,7 +831,7 @@ def run_dpc(args, learner, data, loaders, meter, log):
         train_stage("dpc", dual, loader, dpc_loss, args.dpc_epochs, args, log, cost, lr=args.dpc_lr,
                     aggregate=False)
     prompts = decoupled_prompts(dual, args.omega_b, args.omega_n, args.dpc_base_infer)
-    learner = new_learner(args, learner.clip, data.base_names)  # the wrapped one is frozen
+    learner = new_learner(args, learner.clip, data.base_names, getattr(learner, "teacher", None))
     for name, key in (("parallel_prompt.pt", "parallel"), ("base_prompt.pt", "base"), ("new_prompt.pt", "new")):
         learner.load_learned(prompts[key])
         # new_prompt.pt scores classes not trained on: the new half, or a
@@ -817,17 +842,36 @@ def run_dpc(args, learner, data, loaders, meter, log):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: base test with the prompt for base classes, new test with the
-# prompt for new classes, HM
+# DePT: the learner and its channel-adjusted transfer head, trained together (dept.py)
+
+def run_dept(args, learner, data, loaders, meter, log):
+    """(the DePT wrapper, {'base': learner and head, 'new': the learner alone})."""
+    device = torch.device(args.device)
+    dept = DePT(learner, args.dept_weight, args.dept_lr_scale).to(device)
+    with meter.phase("dept") as cost:
+        loader = loaders.train("base", data.base["train"], args.batch_size)
+        train_stage("base", dept, loader, lambda b: dept_loss(dept, b[0].to(device), b[1].to(device)),
+                    args.epochs, args, log, cost)
+    save_prompt(args, dept, "base_prompt.pt", args.subsample, args.epochs, "base")  # with the head
+    new = learner.learned_state()
+    learner.set_classnames(data.new_names or data.base_names)  # classes the head was not trained on
+    save_prompt(args, learner, "new_prompt.pt", "new" if data.new_names else args.subsample, args.epochs, "base")
+    learner.set_classnames(data.base_names)
+    return dept, {"base": dept.learned_state(), "new": new}
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: base classes with the prompt for base classes, new ones with the prompt for new ones
 
 def evaluate_run(args, learner, data, loaders, states):
     """Base and new (or all-class) test accuracy and HM, and the closing line."""
     device = torch.device(args.device)
 
-    def acc(names, state, items, desc):
-        learner.set_classnames(names)
-        learner.load_learned(state)
-        return accuracy(learner, loaders.test(items), device, desc)
+    def acc(names, state, items, desc, alone=False):  # alone: DePT's learner without its head
+        model = learner.learner if alone else learner
+        model.set_classnames(names)
+        model.load_learned(state)
+        return accuracy(model, loaders.test(items), device, desc)
 
     res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
            "shots": args.shots, "protocol": "b2n" if args.subsample == "base" else "all",
@@ -845,6 +889,8 @@ def evaluate_run(args, learner, data, loaders, states):
         res["base_stage1"] = acc(data.base_names, states["stage1"], base_test, "test base (P)")  # alone
         res["new_stage1"] = res["new"] if args.omega_n == 0 else acc(data.new_names, states["stage1"],
                                                                      new_test, "test new (P)")
+    elif args.method == "dept":  # new classes: the learner's cosine logits alone
+        res["new"] = acc(data.new_names, states["new"], new_test, "test new", alone=True)
     else:
         res["new_base_prompt"] = acc(data.new_names, states["base"], new_test, "test new (base prompt)")
         if states.get("new") is not None:  # MAO's new step
