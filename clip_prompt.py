@@ -578,8 +578,9 @@ class PromptKD(nn.Module):
         return encode_token_embeddings(t.clip, x, eot, t.deep_text()).float()
 
     def encode_text(self, class_ids=None):
-        if self.text_ctx.requires_grad:  # DPC trains P' here: encoded on every step
-            return F.normalize(self.text_features(class_ids), dim=-1)
+        if self.text_ctx.requires_grad:  # DPC trains P' here: every class encoded on every step, then
+            text = self.text_features()  # the rows asked for, as sple_promptkd.py does
+            return F.normalize(text if class_ids is None else text[class_ids], dim=-1)
         if self._text is None:  # frozen: once per class list
             with torch.no_grad():
                 self._text = F.normalize(self.text_features(), dim=-1)  # (C, Et)

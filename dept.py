@@ -105,8 +105,11 @@ def dept_loss(dept, images, labels):
     learner's own other losses. Returns (loss, {name: value}) for logging."""
     out = dept.learner(images)  # every base class
     image, text = out.features  # before the cosine: (B, E), (C, E) or per image (B, C, E)
-    text = text[labels] if text.dim() == 2 else text[torch.arange(len(labels)), labels]  # (B, E)
-    head = dept.head(torch.cat([dept.text_affine(text), dept.image_affine(image)]))  # (2B, C_b)
+    if text.dim() == 2:  # the map on every class first, then the labels' rows, as released
+        text = dept.text_affine(text)[labels]  # (B, E)
+    else:  # CoCoOp: each image's own class texts, mapped one image at a time as released
+        text = torch.stack([dept.text_affine(x)[y] for x, y in zip(text, labels)])
+    head = dept.head(torch.cat([text, dept.image_affine(image)]))  # (2B, C_b)
     ce = F.cross_entropy(out.logits, labels)
     ce_head = F.cross_entropy(head, torch.cat([labels, labels]))
     w = dept.weight

@@ -69,7 +69,7 @@ class DualPrompt(nn.Module):
         """The learner's tensors as the stage-2 forward uses them (differentiable): P' and the rest."""
         M, w = {n: self.stored[self._key(n)] for n in self.names}, self.omega_b
         if self.param == "released":
-            M.update({n: (M[n] - (1 - w) * M[n].detach()) / w for n in self.prompt})  # F^-1(M) with P aliasing M
+            M.update({n: (M[n] - (1 - w) * M[n].detach()) * (1 / w) for n in self.prompt})  # F^-1(M), P aliasing M
         return M
 
     def mix(self, omega, others="trained"):

@@ -388,6 +388,14 @@ def seed_everything(seed):
 # -----------------------------------------------------------------------------
 # One training stage: SGD + warm-up / cosine, an explicit epoch loop, a checkpoint after every epoch
 
+def make_optimizer(learner, lr, args):
+    """SGD over the trainable tensors; a learner may ask for groups at rates of their own (DePT)."""
+    groups = learner.param_groups(lr) if hasattr(learner, "param_groups") else [
+        {"params": [p for p in learner.parameters() if p.requires_grad], "lr": lr}]
+    return torch.optim.SGD([dict(g, base_lr=g["lr"]) for g in groups], lr=lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
 def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=None, aggregate=True):
     """Train the learner's tensors for `epochs` epochs; loss_fn(batch) -> (loss, {name: value})
     per step. With --gpa_mean > 0 (PromptSRC) and aggregate, the prompts end as their
@@ -396,10 +404,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
     phase's figures) gets the loader's seconds and those of the process a --resume continues."""
     device = torch.device(args.device)
     lr0 = lr or args.lr
-    groups = learner.param_groups(lr0) if hasattr(learner, "param_groups") else [  # DePT: staged
-        {"params": [p for p in learner.parameters() if p.requires_grad], "lr": lr0}]
-    opt = torch.optim.SGD([dict(g, base_lr=g["lr"]) for g in groups], lr=lr0, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
+    opt = make_optimizer(learner, lr0, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP: scale the loss
     last = os.path.join(args.out, f"{stage}_last.pt")
     start, gpa, stats = 0, None, dict(seconds=0.0, load_seconds=0.0, steps=0, sums={})
