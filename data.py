@@ -43,7 +43,8 @@ DATASETS = {name: dict(folder=folder, images=images, split=split, template=_TEMP
                 ("imagenet_sketch", "imagenet-sketch", "images", "wnid_folders"),
                 ("imagenet_a", "imagenet-adversarial", "imagenet-a", "wnid_folders"),
                 ("imagenet_r", "imagenet-rendition", "imagenet-r", "wnid_folders"),
-                ("demo", "demo", "images", "split_demo.json")]}  # written by demo.make_demo
+                ("demo", "demo", "images", "split_demo.json"),  # written by demo.make_demo
+                ("folder", "", "", "split_folder.json")]}  # your own: --root holds one folder per class
 # the toy world's objects fill a fifth to two thirds of an image: a crop down to 8 % cuts them away
 DATASETS["demo"]["crop"] = (0.5, 1.0)
 ALIASES = {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars",
@@ -72,7 +73,8 @@ def _layout_help(name, root):
     files = {"imagenet": "classnames.txt and images/train/<wnid>/*.JPEG, images/val/<wnid>/*.JPEG",
              "fgvc": "variants.txt and images_variant_{train,val,test}.txt",
              "imagenetv2": "classnames.txt (a copy of ImageNet's)",
-             "wnid_folders": "classnames.txt (a copy of ImageNet's)"}.get(spec["split"],
+             "wnid_folders": "classnames.txt (a copy of ImageNet's)",
+             "split_folder.json": "one folder of images per class"}.get(spec["split"],
                                                                           spec["split"])
     return (f"Expected the CoOp layout for '{name}': images under "
             f"{os.path.join(d, spec['images'])}/ and {files} in {d}/ (docs/reproduce.md, 'Datasets').")
@@ -81,6 +83,31 @@ def _layout_help(name, root):
 def _need(path, name, root, what=""):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}{path} not found. " + _layout_help(name, root))
+
+
+def write_folder_split(root, seed=1, train=0.5, val=0.2):
+    """A folder of class folders as a dataset: class names from the folder names ('_' read as a space),
+    a seeded 50 / 20 / 30 % split per class (CoOp's read_and_split_data), written once beside the images
+    as split_folder.json in CoOp's format, so every later run, seed and method sees the same split."""
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d != "split_fewshot")
+    if len(classes) < 2:
+        raise ValueError(f"{root} holds {len(classes)} class folder(s): base-to-new needs at least 2 (one "
+                         f"folder of images per class)")
+    rng, splits = random.Random(seed), {"train": [], "val": [], "test": []}
+    for y, c in enumerate(classes):
+        images = _list_images(os.path.join(root, c))
+        if len(images) < 3:
+            raise ValueError(f"class folder {os.path.join(root, c)} holds {len(images)} images ({', '.join(IMAGE_EXTS)}); "
+                             f"a train / val / test split needs at least 3")
+        rng.shuffle(images)
+        n_train, n_val = max(1, round(len(images) * train)), max(1, round(len(images) * val))
+        for split, part in zip(splits, (images[:n_train], images[n_train:n_train + n_val], images[n_train + n_val:])):
+            splits[split] += [[f"{c}/{f}", y, c.replace("_", " ")] for f in part]
+    tmp = os.path.join(root, f"split_folder.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(splits, f, indent=1)
+    os.replace(tmp, os.path.join(root, "split_folder.json"))
+    print(f"wrote {os.path.join(root, 'split_folder.json')}: {len(classes)} classes (edit it to change the split)")
 
 
 def read_json(path):
@@ -112,8 +139,7 @@ def _list_images(folder):
 
 
 def read_splits(name, root):
-    """Full splits {'train', 'val', 'test'} of items (relpath, label,
-    classname); the image folder."""
+    """Full splits {'train', 'val', 'test'} of items (relpath, label, classname); the image folder."""
     name, spec = dataset_spec(name)
     ddir = os.path.join(root, spec["folder"])
     image_dir = os.path.join(ddir, spec["images"]) if spec["images"] else ddir
@@ -122,6 +148,8 @@ def read_splits(name, root):
                                 f"writes it")
     _need(ddir, name, root, "dataset folder ")
     kind = spec["split"]
+    if name == "folder" and not os.path.isfile(os.path.join(ddir, kind)):
+        write_folder_split(ddir)
     if kind.endswith(".json"):
         _need(os.path.join(ddir, kind), name, root, "split file ")
         _need(image_dir, name, root, "image folder ")

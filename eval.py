@@ -25,7 +25,7 @@ from tqdm import tqdm
 from clip_prompt import build_learner, class_logits, class_texts, load_clip
 from dept import DePT
 from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, error_line,
-                  fewshot_splits, read_splits, subsample_classes)
+                  fewshot_splits, read_image, read_splits, subsample_classes)
 from report import harmonic_mean, plot, summarize
 
 
@@ -161,6 +161,56 @@ def evaluate_checkpoints(run, subsample=None, overrides=None):
     return results
 
 
+def load_predictor(run, classes="all", overrides=None):
+    """predict(image paths) -> per image, [(class, probability, prompt file)] over the run's base, new
+    or all classes, most probable first; each class scored by the prompt its evaluation uses."""
+    files = prompt_files(run)
+    ckpts = {w: load_checkpoint(f) for w, f in files.items()}
+    model, test_tf, device, a = _setup(ckpts["base"], overrides)
+    names = {"base": ckpts["base"]["classnames"]}
+    if ckpts["base"]["subsample"] != "all":  # a prompt.pt trained alone: the new names from the split file
+        names["new"] = (ckpts["new"]["classnames"] if ckpts["new"]["subsample"] == "new" else
+                        subsample_classes(read_splits(a["dataset"], a["root"])[0], "new")[1])
+    groups = [w for w in names if classes in (w, "all")] or ["base"]  # an all-class run has one set
+    learners = {w: prompt_learner(model, ckpts[w], names[w], device, sum(names.values(), [])).eval()
+                for w in groups}
+    with torch.no_grad():
+        texts = {w: class_texts(learner) for w, learner in learners.items()}
+    scored = [(n, os.path.basename(files[w])) for w in groups for n in names[w]]
+
+    @torch.no_grad()
+    def predict(paths):
+        x = torch.stack([test_tf(read_image(p)) for p in paths]).to(device)
+        probs = torch.cat([class_logits(learners[w], x, texts[w]) for w in groups], -1).float().softmax(-1)
+        return [sorted(((n, p, f) for (n, f), p in zip(scored, row.tolist())), key=lambda t: -t[1])
+                for row in probs]
+    return predict
+
+
+def prompt_words(run, k=3, device="cpu"):
+    """{prompt file: per learned text context vector, its k nearest CLIP token embeddings as (token,
+    Euclidean distance)}, as CoOp's interpret_prompt.py; a run folder's are also written to
+    RUN/prompt_words.txt. Nearest tokens are often not readable words: the vectors leave the vocabulary."""
+    from clip.simple_tokenizer import SimpleTokenizer
+    files = [os.path.join(run, f) for f in ("prompt.pt", "parallel_prompt.pt", "base_prompt.pt",
+                                            "new_prompt.pt") if os.path.isfile(os.path.join(run, f))]
+    decoder, vocab, out = SimpleTokenizer().decoder, {}, {}
+    for path in files if os.path.isdir(run) else [run]:
+        ck = load_checkpoint(path)
+        key, a = ("text_ctx", load_checkpoint(prompt_files(ck["args"]["teacher"])["base"])["args"]) \
+            if ck["backbone"] == "promptkd" else ("ctx", ck["args"])  # PromptKD: the teacher's text side
+        if a["clip"] not in vocab:
+            vocab[a["clip"]] = load_clip(a["clip"], torch.device(device), "fp32").token_embedding.weight
+        dist, idx = torch.cdist(ck["learned"][key].float().to(device), vocab[a["clip"]]).topk(k, largest=False)
+        out[os.path.basename(path)] = [[(decoder[i].replace("</w>", ""), round(d, 4)) for i, d in
+                                        zip(row_i.tolist(), row_d.tolist())] for row_i, row_d in zip(idx, dist)]
+    if os.path.isdir(run):
+        with open(os.path.join(run, "prompt_words.txt"), "w") as f:
+            f.write("".join(f"{name}\n" + "".join(f"  {j + 1}: " + "  ".join(f"{w} ({d:.3f})" for w, d in row)
+                                                 + "\n" for j, row in enumerate(rows)) for name, rows in out.items()))
+    return out
+
+
 def parse_targets(spec):
     """'xd' (Table 2's 10 targets), 'dg' (the 4 ImageNet variants) and dataset
     names, comma separated."""
@@ -216,6 +266,9 @@ def main(argv=None):
     ap.add_argument("--ckpt", help="a run folder written by train.py, or one prompt .pt file")
     ap.add_argument("--subsample", choices=["base", "new", "all"], help="evaluate one class split only")
     ap.add_argument("--datasets", help="transfer targets of --ckpt: names, xd (Table 2), dg (ImageNet-V2/S/A/R)")
+    ap.add_argument("--predict", nargs="+", metavar="IMG", help="top-5 classes of these images by --ckpt")
+    ap.add_argument("--classes", default="all", choices=["base", "new", "all"], help="classes --predict ranks")
+    ap.add_argument("--words", action="store_true", help="nearest CLIP tokens of --ckpt's context vectors")
     ap.add_argument("--redo", action="store_true", help="re-evaluate targets already in transfer.json")
     ap.add_argument("--summarize", metavar="DIR", help="tabulate every results.json under DIR")
     ap.add_argument("--plot", metavar="DIR", help="draw Fig. 3 and Fig. 4 style PNGs from the runs under DIR")
@@ -240,6 +293,14 @@ def main(argv=None):
     if not a.ckpt:
         ap.error("give --ckpt, --summarize or --plot")
     overrides = dict(root=a.root, clip=a.clip, backbone=a.backbone, device=a.device, workers=a.workers)
+    if a.words:
+        for name, rows in prompt_words(a.ckpt).items():
+            print(name, *(f"  {j + 1}: " + "  ".join(w for w, _ in row) for j, row in enumerate(rows)), sep="\n")
+        return None
+    if a.predict:
+        for path, top in zip(a.predict, load_predictor(a.ckpt, a.classes, overrides)(a.predict)):
+            print(path, *(f"  {p:6.1%}  {n}  ({f})" for n, p, f in top[:5]), sep="\n")
+        return None
     if a.datasets:
         return evaluate_transfer(a.ckpt, parse_targets(a.datasets), overrides, a.redo)
     r = evaluate_checkpoints(a.ckpt, a.subsample, overrides)

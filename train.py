@@ -109,6 +109,7 @@ ap.add_argument("--root", default="data", help="folder of the datasets in the Co
 ap.add_argument("--shots", type=int, default=16, help="labelled images per base class (16)")
 ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and training (1, 2, 3)")
 ap.add_argument("--subsample", default="base", choices=["base", "all"], help="all: cross-dataset source run")
+ap.add_argument("--template", help="the hand-made prompt, e.g. 'a photo of a {}.' (the dataset's)")
 # -- model --
 ap.add_argument("--backbone", default="coop", help=f"prompt learner: {', '.join(BACKBONES)}")
 ap.add_argument("--clip", help="CLIP name or checkpoint (ViT-B/16; demo: weights/demo_clip.pt)")
@@ -251,6 +252,7 @@ def parse_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.new_shots = args.new_shots or args.shots
+    args.template = args.template or DATASETS[args.dataset]["template"]
     if args.distinct_anchors is None:
         args.distinct_anchors = args.ar_dedup if args.method == "mao" else 1
     if args.subsample == "all" and args.method == "mao":
@@ -366,7 +368,7 @@ def learner_kwargs(args, layers=None):
 
 def new_learner(args, model, names, teacher=None):
     layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
-    return build_learner(args.backbone, model, names, template=DATASETS[args.dataset]["template"],
+    return build_learner(args.backbone, model, names, template=args.template,
                          teacher=teacher, **learner_kwargs(args, layers))
 
 
