@@ -14,6 +14,7 @@ Every line is one optimizer step at the same images per step (B = b x K of the d
                forward per image) amortised over the new step's --new_epochs epochs
   dpc          DPC's stage 2: L_CL over one text row per image, P' substituted into the learner; plus its
                per-epoch ranking of every training image by P, amortised (b images per step)
+  dept         DePT: the learner's CE and its CAT head's (C x E + C + 4 E more parameters), head at 6.5 x lr
 and, per learner, inference images/s (MAO and DPC leave the network unchanged; only prompt values differ).
 Times: median (min-max) over --repeats runs after a warm-up, the lines interleaved so drift hits all
 alike; ratios to the plain step are taken run by run. Peak memory: CUDA max_memory_allocated; on a CPU the
@@ -33,6 +34,7 @@ import torch
 from clip.model import CLIP, convert_weights
 
 from clip_prompt import ZeroShotCLIP, build_learner, class_logits, class_texts, load_clip
+from dept import DePT, dept_loss
 from dpc import DualPrompt, stage2_loss
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
@@ -49,7 +51,7 @@ CLASSES = {"imagenet": 1000, "caltech101": 100, "oxford_pets": 37, "stanford_car
            "demo": 36}
 LEARNERS = ["coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop"]
 LINES = {"plain": "backbone alone", "mao_base": "MAO base step", "mao_new": "MAO new step, online labels",
-         "mao_new_once": "MAO new step, labels once per run", "dpc": "DPC stage 2 (+ ranking)"}
+         "mao_new_once": "MAO new step, labels once per run", "dpc": "DPC stage 2 (+ ranking)", "dept": "DePT (learner and head)"}
 PAPER_TABLE3 = ("Paper Table 3 (Flowers102, one RTX 3090): CoOp 8K params, 1103.7 MB, 22.0 s per epoch, "
                 "767.7 FPS; CoOp+MAO 8K, 1176.9 MB (1.066x), 31.9 s per epoch (1.45x), 772.0 FPS.")
 
@@ -132,7 +134,7 @@ def peak_bytes(fn, device):
 # The steps, as closures over one learner's tensors
 
 def step_lines(backbone, model, a, device):
-    """{line: one optimizer step}, plus the learner's parameter count and the live bytes."""
+    """{line: one optimizer step}, {line: learnable parameters}, and the live bytes."""
     cfg = dict(DEFAULTS, **PRESETS[(backbone, "mao")])
     kw = {k: cfg[k] for k in ("n_ctx", "ctx_init", "n_vis", "depth") if k in cfg}
     kw.update({k: cfg[k] for k in ("text_weight", "image_weight", "kg_weight") if k in cfg})
@@ -146,13 +148,15 @@ def step_lines(backbone, model, a, device):
     learner = make([f"texture number {i}" for i in range(a.base_classes)])
     learner_new = make([f"pattern number {i}" for i in range(a.new_classes)])
     dual = DualPrompt(make(learner.classnames), 0.2)  # P' beside a frozen copy of the stage-1 prompt P
+    dept = DePT(make(learner.classnames)).to(device)  # the learner and its CAT head
     opt, opt_new, opt_dpc = sgd(learner), sgd(learner_new), sgd(dual)
+    opt_dept = torch.optim.SGD(dept.param_groups(1e-6), lr=1e-6, momentum=0.9)  # the head at 6.5 x lr
     labeler = PseudoLabeler(ZeroShotCLIP(model, learner_new.classnames))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     fixed = labeler(images)  # labels once per run: computed before the step, as train.py does
 
     def step(loss, out, opt):
-        loss = loss + sum(out.losses.values())  # the backbone's own other losses, the same in every line
+        loss = loss + (sum(out.losses.values()) if out else 0)  # the backbone's own losses, in every line
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -176,11 +180,10 @@ def step_lines(backbone, model, a, device):
         step(pseudo_label_loss(out.logits, fixed), out, opt_new)  # Eq. 8 with the stored labels
 
     def dpc():
-        loss, _ = stage2_loss(dual, images, labels)
-        opt_dpc.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt_dpc)
-        scaler.update()
+        step(stage2_loss(dual, images, labels)[0], None, opt_dpc)
+
+    def dept_step():
+        step(dept_loss(dept, images, labels)[0], None, opt_dept)  # the learner's own losses inside
 
     @torch.no_grad()
     def infer(learner=learner, n=None):
@@ -189,11 +192,14 @@ def step_lines(backbone, model, a, device):
         learner.train()
 
     lines = dict(plain=plain, mao_base=mao_base, mao_new=mao_new, mao_new_once=mao_new_once, dpc=dpc,
-                 label=lambda: labeler(images), rank=lambda: infer(dual.learner, a.anchors), infer=infer)
-    for m in (learner, learner_new, dual):
+                 dept=dept_step, label=lambda: labeler(images), rank=lambda: infer(dual.learner, a.anchors),
+                 infer=infer)
+    for m in (learner, learner_new, dual, dept):
         m.train()
-    params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
-    return lines, params, live_bytes(model, learner, learner_new, dual, opt, opt_new, opt_dpc, images)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    params = dict({k: count(learner) for k in LINES}, dept=count(dept))
+    return lines, params, live_bytes(model, learner, learner_new, dual, dept, opt, opt_new, opt_dpc, opt_dept,
+                                     images)
 
 
 def bench_backbone(backbone, model, a, device, log):
@@ -209,11 +215,11 @@ def bench_backbone(backbone, model, a, device, log):
     # a run labels each unlabeled image once: one teacher pass per image over the new step's epochs
     times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
     times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # b anchors ranked per step
-    res = dict(backbone=backbone, learnable_params=params, images_per_step=a.anchors * a.topk, lines={})
+    res = dict(backbone=backbone, learnable_params=params["plain"], images_per_step=a.anchors * a.topk, lines={})
     plain_peak = peak_bytes(lines["plain"], device)
     for k in LINES:
         peak = plain_peak if k == "plain" else peak_bytes(lines[k], device)
-        res["lines"][k] = dict(step_s=stats(times[k]), ratio_time=stats([t / p for t, p in zip(times[k],
+        res["lines"][k] = dict(params=params[k], step_s=stats(times[k]), ratio_time=stats([t / p for t, p in zip(times[k],
                                                                                                times["plain"])]),
                                peak_mb=(live + peak) / 2**20, ratio_memory=(live + peak) / (live + plain_peak))
     res["infer_images_per_s"] = stats([a.anchors * a.topk / t for t in times["infer"]])
@@ -229,7 +235,7 @@ def markdown(res):
     for r in res["backbones"]:
         for k, name in LINES.items():
             L = r["lines"][k]
-            rows.append([r["backbone"], name, f"{r['learnable_params']:,}", f"{L['peak_mb']:.1f}",
+            rows.append([r["backbone"], name, f"{L['params']:,}", f"{L['peak_mb']:.1f}",
                          f"{L['ratio_memory']:.3f}x", fmt(L["step_s"]), fmt(L["ratio_time"]) + "x",
                          f"{r['infer_images_per_s']['median']:.1f}" if k == "plain" else "same network"])
     head = (f"Device {h['device']} ({h['cpu']}), torch {h['torch']}, {h['threads']} threads, CLIP {h['clip']} "

@@ -38,6 +38,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         for k, line in r["lines"].items():
             s = line["ratio_time"]
             assert s["min"] <= s["median"] <= s["max"] and s["n"] == 2
+        head = 24 * 64 + 24 + 4 * 64  # DePT's CAT head on DTD's 24 base classes: C x E + C + 4 E
+        assert r["lines"]["dept"]["params"] == r["learnable_params"] + head
         assert r["lines"]["plain"]["ratio_memory"] == 1.0 and r["infer_images_per_s"]["median"] > 0
         assert f"| {r['backbone']} | MAO base step |" in md
     coop = res["backbones"][0]["lines"]
