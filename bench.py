@@ -1,6 +1,6 @@
 """MAO's Table 3, side by side: what a step of MAO and of DPC costs next to the backbone's own step.
 
-    python bench.py                        # CoOp, Flowers102's shapes, a ViT-B/16-shaped CLIP (CPU: minutes)
+    python bench.py                        # CoOp, Flowers102's shapes, a ViT-B/16-shaped CLIP
     python bench.py --backbone all         # every learner
     python bench.py --dataset dtd --repeats 5
     python bench.py --quick                # a tiny CLIP and 2 repeats: a smoke run in seconds
@@ -23,7 +23,6 @@ Figures go to bench.json and bench.md. A whole run measures its own cost (result
 seconds and the seconds spent waiting for data, per phase); docs/cost.md keeps earlier measurements.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch
 from clip.model import CLIP, convert_weights
 
 from clip_prompt import ZeroShotCLIP, build_learner, class_logits, class_texts, load_clip
+from data import write_json
 from dept import DePT, dept_loss
 from dpc import DualPrompt, stage2_loss
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
@@ -41,7 +41,7 @@ from pseudolabel import PseudoLabeler
 from report import md_table
 from train import DATASET_PRESETS, DEFAULTS, PRESETS
 
-SHAPES = {  # openai/CLIP's ViT-B/16 (what clip.load('ViT-B/16') builds), and a tiny one for smoke runs
+SHAPES = {  # openai/CLIP's ViT-B/16 (as clip.load builds it), and a tiny one for smoke runs
     "vit-b16-shaped": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                            vision_patch_size=16, transformer_width=512, transformer_heads=8, transformer_layers=12),
     "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
@@ -51,7 +51,8 @@ CLASSES = {"imagenet": 1000, "caltech101": 100, "oxford_pets": 37, "stanford_car
            "demo": 36}
 LEARNERS = ["coop", "maple", "promptsrc", "ivlp", "cocoop", "kgcoop"]
 LINES = {"plain": "backbone alone", "mao_base": "MAO base step", "mao_new": "MAO new step, online labels",
-         "mao_new_once": "MAO new step, labels once per run", "dpc": "DPC stage 2 (+ ranking)", "dept": "DePT (learner and head)"}
+         "mao_new_once": "MAO new step, labels once per run", "dpc": "DPC stage 2 (+ ranking)",
+         "dept": "DePT (learner and head)"}
 PAPER_TABLE3 = ("Paper Table 3 (Flowers102, one RTX 3090): CoOp 8K params, 1103.7 MB, 22.0 s per epoch, "
                 "767.7 FPS; CoOp+MAO 8K, 1176.9 MB (1.066x), 31.9 s per epoch (1.45x), 772.0 FPS.")
 
@@ -110,7 +111,7 @@ def peak_bytes(fn, device):
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile  # CPU only: the profiler is heavy to import
+    from torch.profiler import ProfilerActivity, profile  # heavy to import: CPU only
     sys.stderr.flush()
     saved = os.dup(2)
     try:  # the profiler's C++ side logs a few lines on every start and stop; noise here
@@ -124,7 +125,7 @@ def peak_bytes(fn, device):
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     run = peak = 0
-    for e in events:  # frees of blocks allocated before profiling are not reported: the step's own peak
+    for e in events:  # frees of older blocks are not reported: the step's own peak
         run += e.nbytes()
         peak = max(peak, run)
     return peak
@@ -147,16 +148,16 @@ def step_lines(backbone, model, a, device):
     sgd = lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
     learner = make([f"texture number {i}" for i in range(a.base_classes)])
     learner_new = make([f"pattern number {i}" for i in range(a.new_classes)])
-    dual = DualPrompt(make(learner.classnames), 0.2)  # P' beside a frozen copy of the stage-1 prompt P
+    dual = DualPrompt(make(learner.classnames), 0.2)  # P' beside a frozen copy of P
     dept = DePT(make(learner.classnames)).to(device)  # the learner and its CAT head
     opt, opt_new, opt_dpc = sgd(learner), sgd(learner_new), sgd(dual)
-    opt_dept = torch.optim.SGD(dept.param_groups(1e-6), lr=1e-6, momentum=0.9)  # the head at 6.5 x lr
+    opt_dept = torch.optim.SGD(dept.param_groups(1e-6), lr=1e-6, momentum=0.9)  # head: 6.5 x lr
     labeler = PseudoLabeler(ZeroShotCLIP(model, learner_new.classnames))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     fixed = labeler(images)  # labels once per run: computed before the step, as train.py does
 
     def step(loss, out, opt):
-        loss = loss + (sum(out.losses.values()) if out else 0)  # the backbone's own losses, in every line
+        loss = loss + (sum(out.losses.values()) if out else 0)  # the backbone's own losses
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -173,7 +174,8 @@ def step_lines(backbone, model, a, device):
 
     def mao_new():
         out = learner_new(images)
-        step(pseudo_label_loss(out.logits, labeler(images, out.frozen_image_features)), out, opt_new)  # Eq. 7-8
+        pseudo = labeler(images, out.frozen_image_features)  # Eq. 7
+        step(pseudo_label_loss(out.logits, pseudo), out, opt_new)  # Eq. 8
 
     def mao_new_once():
         out = learner_new(images)
@@ -214,13 +216,13 @@ def bench_backbone(backbone, model, a, device, log):
         log(f"  {backbone}: run {r}/{a.repeats}" + (" (warm-up)" if r == 0 else ""))
     # a run labels each unlabeled image once: one teacher pass per image over the new step's epochs
     times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
-    times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # b anchors ranked per step
+    times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
     res = dict(backbone=backbone, learnable_params=params["plain"], images_per_step=a.anchors * a.topk, lines={})
     plain_peak = peak_bytes(lines["plain"], device)
     for k in LINES:
         peak = plain_peak if k == "plain" else peak_bytes(lines[k], device)
-        res["lines"][k] = dict(params=params[k], step_s=stats(times[k]), ratio_time=stats([t / p for t, p in zip(times[k],
-                                                                                               times["plain"])]),
+        ratio = stats([t / p for t, p in zip(times[k], times["plain"])])
+        res["lines"][k] = dict(params=params[k], step_s=stats(times[k]), ratio_time=ratio,
                                peak_mb=(live + peak) / 2**20, ratio_memory=(live + peak) / (live + plain_peak))
     res["infer_images_per_s"] = stats([a.anchors * a.topk / t for t in times["infer"]])
     return res
@@ -299,8 +301,7 @@ def main(argv=None):
     res = dict(header=header, backbones=[bench_backbone(b, model, a, device, print) for b in backbones])
     table = markdown(res)
     print("\n" + table)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(res, a.out)
     md = os.path.splitext(a.out)[0] + ".md"
     with open(md, "w") as f:
         f.write(f"Produced by: python bench.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n{table}\n")

@@ -1,4 +1,4 @@
-"""Frozen CLIP and its prompt learners: zero-shot CLIP, CoOp, IVLP, PromptSRC, MaPLe, CoCoOp, KgCoOp.
+"""Frozen CLIP and its learners: zero-shot, CoOp, IVLP, PromptSRC, MaPLe, CoCoOp, KgCoOp, PromptKD.
 
 CLIP (Radford et al., 2021) is used as openai/CLIP ships it: loaded with `clip.load`, never forked
 or patched. The encoders below re-run CLIP's own submodules (token embedding, resblocks, ln_final,
@@ -18,11 +18,11 @@ CoOp equals zero-shot CLIP with the template "a photo of a {}." exactly
 
 Every learner has the same small interface, and nothing here knows about MAO or DPC (this file imports
 nothing from sampler.py, losses.py, pseudolabel.py or dpc.py); docs/learners.md is the contract in full:
-    learner(images, class_ids) -> Output(logits, frozen_image_features, losses)  # losses: its own terms
+    learner(images, class_ids) -> Output(logits, frozen_image_features, losses, features)
     learner.encode_image(images), learner.encode_text(class_ids)   # L2-normalised features
-    learner.set_classnames(names)                                  # re-target, keeping learned tensors
+    learner.set_classnames(names)                                  # other classes, same tensors
     learner.learned_state(), learner.load_learned(state)           # only the learnable tensors
-    learner.prompt_names, frozen_image_encoder, text_per_image     # what DPC duplicates; what is shared
+    learner.prompt_names, frozen_image_encoder, text_per_image     # what DPC copies; what is shared
 """
 import copy
 import os
@@ -64,7 +64,7 @@ def load_clip(name, device="cpu", precision="auto"):
             state = torch.load(name, map_location="cpu", weights_only=True)
             model = build_model(state.get("state_dict", state)).to(device)
         else:
-            with warnings.catch_warnings():  # torch deprecates TorchScript, the format of OpenAI's files
+            with warnings.catch_warnings():  # torch deprecates TorchScript (OpenAI's format)
                 warnings.simplefilter("ignore")
                 model, _ = clip.load(name, device=device, jit=False)
     except Exception as e:  # a file of another kind: torch.load and clip.load fail many ways
@@ -128,7 +128,7 @@ def encode_image(model, images, shallow=None, deep=None):
     cls = v.class_embedding.to(x.dtype) + zeros  # (B, 1, Dv)
     x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + grid**2, Dv)
     n = shallow.shape[0]
-    x = torch.cat([x, shallow.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # no pos.
+    x = torch.cat([x, shallow.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
     x = v.ln_pre(x).permute(1, 0, 2)  # NLD -> LND
     for i, block in enumerate(v.transformer.resblocks):
         if deep is not None and 1 <= i <= len(deep):
@@ -194,10 +194,37 @@ def zero_shot_text_features(model, classnames, template="a photo of a {}."):
         return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
+class Learner(nn.Module):
+    """What every learner shares: frozen CLIP stays in eval mode, and the learned tensors (by default the
+    trainable parameters) are saved and loaded by name."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # CLIP stays frozen and in eval mode; only the prompt trains
+        return self
+
+    def learned_tensors(self):
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def learned_state(self):
+        return {n: v.detach().cpu().clone() for n, v in self.learned_tensors().items()}
+
+    def load_learned(self, state):
+        own = self.learned_tensors()
+        if set(state) != set(own):
+            raise ValueError(f"checkpoint tensors {sorted(state)} do not match the learner's {sorted(own)}")
+        for n, p in own.items():
+            if state[n].shape != p.shape:
+                raise ValueError(f"checkpoint tensor '{n}' has shape {tuple(state[n].shape)}, "
+                                 f"this learner expects {tuple(p.shape)} (different --n_ctx or CLIP?)")
+            with torch.no_grad():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+
 # -----------------------------------------------------------------------------
 # Zero-shot CLIP: the baseline every table starts from
 
-class ZeroShotCLIP(nn.Module):
+class ZeroShotCLIP(Learner):
     """Frozen CLIP with one hand-crafted template per dataset (CoOp's CUSTOM_TEMPLATES)."""
     frozen_image_encoder, text_per_image = True, False
 
@@ -220,22 +247,15 @@ class ZeroShotCLIP(nn.Module):
         img = self.encode_image(images)  # (B, E)
         return Output(clip_logits(self.clip, img, self.encode_text(class_ids)), img, {})
 
-    def learned_state(self):
-        return {}
-
-    def load_learned(self, state):
-        if state:
-            raise ValueError(f"zero-shot CLIP learns nothing; the checkpoint has {sorted(state)}")
-
 
 # -----------------------------------------------------------------------------
 # CoOp: M learnable context vectors shared by all classes (Eq. (1)), CLIP's image encoder untouched
 
-class CoOp(nn.Module):
+class CoOp(Learner):
     """CoOp. Learnable tensors are fp32, cast to CLIP's dtype where they enter the sequence."""
     frozen_image_encoder = True  # image features are plain CLIP's, so others may reuse them
     text_per_image = False  # one set of class text features serves every image (encode_text)
-    prompt_names = None  # the tensors DPC duplicates as its parallel prompt; None: all learnable ones
+    prompt_names = None  # what DPC duplicates as P'; None: all learnable tensors
 
     def __init__(self, model, classnames, n_ctx=4, ctx_init="a photo of a", keep_phrase=False):
         super().__init__()
@@ -268,19 +288,17 @@ class CoOp(nn.Module):
         with torch.no_grad():
             emb = self.clip.token_embedding(tokens).type(self.clip.dtype)  # (C, 77, D)
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # [SOS]
-        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # [CLASS].[EOS]
-        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # [EOS]: the largest token id
+        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:], persistent=False)  # CLASS . EOS
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # [EOS]: the largest id
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.clip.eval()  # CLIP stays frozen and in eval mode; only the prompt trains
-        return self
+    def tokens(self, class_ids=None):
+        """The [SOS] and [CLASS . EOS] embeddings and [EOS] positions of the class ids (all if None)."""
+        t = self.token_prefix, self.token_suffix, self.eot
+        return t if class_ids is None else tuple(x[class_ids] for x in t)
 
     def text_features(self, class_ids=None):
         """Text features of the given class ids (all classes if None), before normalisation. (C', E)"""
-        pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
-        if class_ids is not None:  # only the requested classes go through the text encoder
-            pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
+        pre, suf, eot = self.tokens(class_ids)  # only these classes are encoded
         ctx = self.ctx.to(pre.dtype).unsqueeze(0).expand(pre.shape[0], -1, -1)  # (C', M, D)
         x = torch.cat([pre, ctx, suf], dim=1)  # (C', 77, D): [SOS][V1..VM][CLASS][.][EOS]
         return encode_token_embeddings(self.clip, x, eot, self.deep_text()).float()
@@ -306,20 +324,6 @@ class CoOp(nn.Module):
         img, txt = (F.normalize(x, dim=-1) for x in feats)
         frozen = img.detach() if self.frozen_image_encoder else None  # prompted ones are not CLIP's
         return Output(clip_logits(self.clip, img, txt), frozen, {}, feats)
-
-    def learned_state(self):
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_learned(self, state):
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        if set(state) != set(own):
-            raise ValueError(f"checkpoint tensors {sorted(state)} do not match the learner's {sorted(own)}")
-        for n, p in own.items():
-            if state[n].shape != p.shape:
-                raise ValueError(f"checkpoint tensor '{n}' has shape {tuple(state[n].shape)}, "
-                                 f"this learner expects {tuple(p.shape)} (different --n_ctx or CLIP?)")
-            with torch.no_grad():
-                p.copy_(state[n].to(p.device, p.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -394,12 +398,12 @@ class PromptSRC(IVLP):
             names = [c.replace("_", " ") for c in self.classnames]
             with torch.no_grad():
                 tokens = [clip.tokenize([t.format(c) for c in names]).to(device) for t in PROMPTSRC_TEMPLATES]
-                feats = torch.stack([self.clip.encode_text(t).float() for t in tokens])  # (60, C, E)
+                feats = torch.stack([self.clip.encode_text(t).float() for t in tokens])
             self._text_target = F.normalize(feats.mean(0), dim=-1)  # (C, E), once per class list
         return self._text_target
 
     def forward(self, images, class_ids=None):
-        feats = self.image_features(images), self.text_features()  # every class: the losses need all
+        feats = self.image_features(images), self.text_features()  # every class (its losses)
         img, txt = (F.normalize(x, dim=-1) for x in feats)  # (B, E) prompted, (C, E)
         logits_all = clip_logits(self.clip, img, txt)  # (B, C)
         logits = logits_all if class_ids is None else logits_all[:, class_ids]  # the requested ones
@@ -441,7 +445,7 @@ class MaPLe(CoOp):
         Dt, Dv = model.ln_final.weight.shape[0], model.visual.conv1.out_channels
         self.proj = nn.Linear(Dt, Dv)  # coupling function of layer 0
         self.text_prompts = deep_prompts(n_ctx, Dt, depth)  # layers 1..J-1
-        one = nn.Linear(Dt, Dv)  # released: one Linear deep-copied, so the J-1 couplings start equal
+        one = nn.Linear(Dt, Dv)  # released: J-1 deep copies, starting equal
         self.projs = nn.ModuleList(copy.deepcopy(one) for _ in range(depth - 1))
 
     def deep_text(self):
@@ -475,13 +479,11 @@ class CoCoOp(CoOp):
     def forward(self, images, class_ids=None):
         raw = self.image_features(images)  # (B, E), plain CLIP
         img = F.normalize(raw, dim=-1)
-        pre, suf, eot = self.token_prefix, self.token_suffix, self.eot
-        if class_ids is not None:
-            pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
-        shifted = (self.ctx.unsqueeze(0) + self.meta_net(img).unsqueeze(1)).to(pre.dtype)  # (B, M, D)
+        pre, suf, eot = self.tokens(class_ids)
+        shifted = (self.ctx.unsqueeze(0) + self.meta_net(img).unsqueeze(1)).to(pre.dtype)
         logits, texts = [], []
         for f, ctx in zip(img, shifted):  # one image at a time: (E,), (M, D)
-            x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], 1)  # (C', 77, D)
+            x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], 1)
             texts.append(encode_token_embeddings(self.clip, x, eot).float())  # (C', E)
             logits.append(clip_logits(self.clip, f, F.normalize(texts[-1], dim=-1)))  # (C',)
         return Output(torch.stack(logits), img.detach(), {}, (raw, torch.stack(texts)))
@@ -491,7 +493,7 @@ class CoCoOp(CoOp):
 # KgCoOp: CoOp plus a loss keeping the class texts near the hand-crafted ones
 # (KgCoOp §3, 2303.13283)
 
-KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}  # CoOp's templates but DTD's
+KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}  # CoOp's, but DTD's
 
 
 class KgCoOp(CoOp):
@@ -518,7 +520,7 @@ class KgCoOp(CoOp):
         if not self.training:
             return Output(logits, img.detach(), {}, feats)
         if self._target is None:
-            self._target = zero_shot_text_features(self.clip, self.classnames, self.template)  # (C, E)
+            self._target = zero_shot_text_features(self.clip, self.classnames, self.template)
         g0 = F.normalize(self._target, dim=-1)  # normalised twice, as released
         cos = F.cosine_similarity(txt, g0, dim=1, eps=1e-7)
         return Output(logits, img.detach(), {"kg": self.kg_weight * (1.0 - cos.mean())}, feats)
@@ -527,7 +529,7 @@ class KgCoOp(CoOp):
 # -----------------------------------------------------------------------------
 # PromptKD: a student distilled from a frozen prompted teacher (PromptKD §3, arXiv 2403.02781)
 
-class PromptKD(nn.Module):
+class PromptKD(Learner):
     """The student's image encoder carries IVLP's vision prompts and a projector to the teacher's width;
     it has no text prompt of its own: class texts are the teacher's (a PromptSRC learner, usually on a
     larger CLIP, over every class of the dataset), and its own loss is the KL divergence towards the
@@ -549,11 +551,6 @@ class PromptKD(nn.Module):
             self.kd_text = teacher.encode_text()  # (C_all, Et): the teacher's every class, once
         self.set_classnames(classnames)
 
-    @property
-    def ranker(self):
-        """What DPC's hard-negative ranking asks: the teacher, as the released PromptKD+DPC ranks."""
-        return self.teacher
-
     def set_classnames(self, classnames):
         self.classnames = list(classnames)
         self.teacher.set_classnames(self.classnames)  # its token buffers for the classes scored
@@ -561,7 +558,7 @@ class PromptKD(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.clip.eval(), self.teacher.eval()  # both CLIPs stay frozen; the projector's BatchNorm trains
+        self.teacher.eval()  # both CLIPs stay frozen; the projector's BatchNorm trains
         return self
 
     def image_features(self, images):
@@ -570,12 +567,9 @@ class PromptKD(nn.Module):
 
     def text_features(self, class_ids=None):
         """The teacher's text encoder on the scored classes, with text_ctx as its context. (C', Et)"""
-        t = self.teacher
-        pre, suf, eot = t.token_prefix, t.token_suffix, t.eot
-        if class_ids is not None:
-            pre, suf, eot = pre[class_ids], suf[class_ids], eot[class_ids]
+        pre, suf, eot = self.teacher.tokens(class_ids)
         x = torch.cat([pre, self.text_ctx.to(pre.dtype).expand(pre.shape[0], -1, -1), suf], dim=1)
-        return encode_token_embeddings(t.clip, x, eot, t.deep_text()).float()
+        return encode_token_embeddings(self.teacher.clip, x, eot, self.teacher.deep_text()).float()
 
     def encode_text(self, class_ids=None):
         if self.text_ctx.requires_grad:  # DPC trains P' here: every class encoded on every step, then
@@ -602,20 +596,13 @@ class PromptKD(nn.Module):
                       reduction="sum") * (T * T) / student.numel()
         return out._replace(losses={"kd": self.kd_weight * kd})
 
-    def learned_state(self):
+    def learned_tensors(self):
         """The trained tensors, the text context, and the projector's BatchNorm statistics."""
-        state = {n: p for n, p in self.named_parameters() if p.requires_grad or n == "text_ctx"}
-        state.update((n, b) for n, b in self.projector.named_buffers(prefix="projector"))
-        return {n: v.detach().cpu().clone() for n, v in state.items()}
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad or n == "text_ctx"}
+        return dict(own, **dict(self.projector.named_buffers(prefix="projector")))
 
     def load_learned(self, state):
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad or n == "text_ctx"}
-        own.update(self.projector.named_buffers(prefix="projector"))
-        if set(state) != set(own):
-            raise ValueError(f"checkpoint tensors {sorted(state)} do not match the learner's {sorted(own)}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+        super().load_learned(state)
         self._text = None
 
 

@@ -10,6 +10,7 @@ The embedded demo (demo.py) is written in the same layout, so it runs through th
 import json
 import math
 import os
+import pathlib
 import pickle
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ DATASETS = {name: dict(folder=folder, images=images, split=split, template=_TEMP
                 ("imagenet_a", "imagenet-adversarial", "imagenet-a", "wnid_folders"),
                 ("imagenet_r", "imagenet-rendition", "imagenet-r", "wnid_folders"),
                 ("demo", "demo", "images", "split_demo.json"),  # written by demo.make_demo
-                ("folder", "", "", "split_folder.json")]}  # your own: --root holds one folder per class
+                ("folder", "", "", "split_folder.json")]}  # --root: one folder per class
 # the toy world's objects fill a fifth to two thirds of an image: a crop down to 8 % cuts them away
 DATASETS["demo"]["crop"] = (0.5, 1.0)
 ALIASES = {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars",
@@ -53,7 +54,7 @@ TEST_ONLY = {"imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
 # The benchmark's dataset lists (MAO Tables 1-2, in their column order)
 BASE_TO_NEW = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
                "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
-XD_TARGETS = BASE_TO_NEW[1:]  # cross-dataset: trained on every ImageNet class, tested on the other 10
+XD_TARGETS = BASE_TO_NEW[1:]  # cross-dataset: from all of ImageNet to the rest
 DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # domain generalisation
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -97,16 +98,13 @@ def write_folder_split(root, seed=1, train=0.5, val=0.2):
     for y, c in enumerate(classes):
         images = _list_images(os.path.join(root, c))
         if len(images) < 3:
-            raise ValueError(f"class folder {os.path.join(root, c)} holds {len(images)} images ({', '.join(IMAGE_EXTS)}); "
-                             f"a train / val / test split needs at least 3")
+            raise ValueError(f"class folder {os.path.join(root, c)} holds {len(images)} images "
+                             f"({', '.join(IMAGE_EXTS)}); a train / val / test split needs at least 3")
         rng.shuffle(images)
         n_train, n_val = max(1, round(len(images) * train)), max(1, round(len(images) * val))
         for split, part in zip(splits, (images[:n_train], images[n_train:n_train + n_val], images[n_train + n_val:])):
             splits[split] += [[f"{c}/{f}", y, c.replace("_", " ")] for f in part]
-    tmp = os.path.join(root, f"split_folder.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(splits, f, indent=1)
-    os.replace(tmp, os.path.join(root, "split_folder.json"))
+    write_json(splits, os.path.join(root, "split_folder.json"))
     print(f"wrote {os.path.join(root, 'split_folder.json')}: {len(classes)} classes (edit it to change the split)")
 
 
@@ -207,18 +205,29 @@ def _read_imagenet(ddir, image_dir, root):
     return {"train": out["train"], "val": out["val"], "test": out["val"]}
 
 
-def _atomic_pickle(obj, path):
-    """Write a cache file whole or not at all; a read-only dataset folder just skips caching."""
+def write_whole(path, dump):
+    """dump(tmp) writes a temporary file, renamed over path once complete and removed if writing fails:
+    a crash or a full disk never leaves a truncated file under path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f)
+        dump(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        print(f"note: could not write cache {path} ({e}); continuing without it")
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(obj, path):
+    write_whole(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def _atomic_pickle(obj, path):
+    """Write a cache file whole; a read-only dataset folder just skips caching."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_whole(path, lambda tmp: pathlib.Path(tmp).write_bytes(pickle.dumps(obj)))
+    except OSError as e:
+        print(f"note: could not write cache {path} ({e}); continuing without it")
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The embedded demo: a toy world, the small CLIP pretrained on it, and the
 downstream task in the CoOp layout.
 
-    python demo.py                               # rebuilds weights/demo_clip.pt (fp16, ~8 MB; about 25 min on 2 cores)
+    python demo.py                               # rebuilds weights/demo_clip.pt (~25 min on 2 cores)
     python demo.py --steps 50 --out /tmp/x.pt    # a short run
-    python train.py --dataset demo               # writes data/demo/ (make_demo) and runs CoOp + MAO on it
+    python train.py --dataset demo               # writes data/demo/, runs CoOp + MAO on it
 
 The world: coloured shapes (6 colours x 6 shapes) with nuisances (size, pattern, background,
 rotation, noise, sometimes a second object), and captions that name some of their attributes. The
@@ -74,7 +74,7 @@ def sample_scene(rng, colour=None, shape=None):
     shape = shape or rng.choice(SHAPES)
     scene = dict(colour=colour, shape=shape, size=rng.choice(("small", "large")), pattern=rng.choice(PATTERNS),
                  bg=rng.choice(list(BACKGROUNDS)), angle=rng.uniform(-20, 20), seed=rng.getrandbits(32))
-    if rng.random() < 0.4:  # a smaller second object of another colour and shape; the label stays the main one
+    if rng.random() < 0.4:  # a smaller second object; the label stays the main one's
         scene["colour2"] = rng.choice([c for c in COLOURS if c != colour])
         scene["shape2"] = rng.choice([x for x in SHAPES if x != shape])
     return scene
@@ -136,7 +136,7 @@ def render(scene, size=64, colours=COLOURS):
     im = Image.new("RGB", (size, size), tuple(max(0, min(255, g + t)) for t in tint))
     r = size * (rng.uniform(0.30, 0.40) if scene["size"] == "large" else rng.uniform(0.20, 0.27))
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    if "colour2" in scene:  # the distractor first, in a corner away from the main object, then partly covered
+    if "colour2" in scene:  # the distractor first, in a far corner, partly covered
         r2 = r * rng.uniform(0.45, 0.6)
         x2 = r2 if cx > size / 2 else size - r2
         y2 = r2 if cy > size / 2 else size - r2
@@ -158,7 +158,7 @@ def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
     the demo CLIP was pretrained on."""
     ddir = os.path.join(root, "demo")
     for stale in [f for f in os.listdir(root) if f.startswith("demo.tmp")] if os.path.isdir(root) else []:
-        shutil.rmtree(os.path.join(root, stale), ignore_errors=True)  # left by an interrupted earlier write
+        shutil.rmtree(os.path.join(root, stale), ignore_errors=True)  # left by an interrupted write
     rng = random.Random(10_000 + seed)  # pretraining draws its scenes from other seeds
     splits = {"train": [], "val": [], "test": []}
     tmp = ddir + f".tmp{os.getpid()}"
@@ -171,7 +171,7 @@ def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
                 splits[split].append([rel, y, f"{c} {s}"])
     with open(os.path.join(tmp, "split_demo.json"), "w") as f:
         json.dump(splits, f, indent=1)
-    os.replace(tmp, ddir)  # appears whole, so an interrupted run never leaves a half-written dataset
+    os.replace(tmp, ddir)  # appears whole: never half written
     return ddir
 
 
@@ -274,7 +274,7 @@ def main(argv=None):
     t0 = time.time()
     model, losses = pretrain(a.steps, a.batch_size, a.lr, a.seed)
     save_clip(model, a.out)
-    zs = zero_shot(clip.load(a.out, device="cpu")[0].float())  # what users get: the saved fp16 weights
+    zs = zero_shot(clip.load(a.out, device="cpu")[0].float())  # the saved fp16 weights
     print(f"wrote {a.out} ({os.path.getsize(a.out) / 2**20:.1f} MB) in {(time.time() - t0) / 60:.1f} min | "
           f"final loss {sum(losses[-100:]) / len(losses[-100:]):.3f} | zero-shot from the saved file: "
           f"base {zs['base']:.1f}%, new {zs['new']:.1f}% (18-way each, chance 5.6%)")

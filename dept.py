@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clip_prompt import Learner
+
 
 # -----------------------------------------------------------------------------
 # 1. The channel-adjusted transfer head
@@ -34,7 +36,7 @@ class ChannelAffine(nn.Module):
         return self.scale.to(x.dtype) * x + self.bias.to(x.dtype)
 
 
-class DePT(nn.Module):
+class DePT(Learner):
     """A learner and its CAT head over the base classes. In eval mode its logits are the fused ones;
     `learner` alone scores classes the head was not trained on."""
 
@@ -54,11 +56,6 @@ class DePT(nn.Module):
         if list(names) != list(self.learner.classnames):
             raise ValueError("DePT's head scores the classes it was trained on; use .learner for others")
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.learner.train(mode)  # the learner keeps CLIP in eval mode
-        return self
-
     def head_logits(self, image_features):
         return self.head(self.image_affine(image_features))  # (B, C_b), unscaled as released
 
@@ -73,20 +70,10 @@ class DePT(nn.Module):
         head = head if class_ids is None else head[:, class_ids]
         return out._replace(logits=(1 - self.weight) * out.logits + self.weight * head)
 
-    def learned_state(self):
-        head = {"head." + n: p.detach().cpu().clone() for n, p in self.named_parameters()
-                if not n.startswith("learner.")}
-        return dict(self.learner.learned_state(), **head)
-
-    def load_learned(self, state):
-        self.learner.load_learned({n: v for n, v in state.items() if not n.startswith("head.")})
-        own = {n: p for n, p in self.named_parameters() if not n.startswith("learner.")}
-        head = {n[5:]: v for n, v in state.items() if n.startswith("head.")}
-        if set(head) != set(own):
-            raise ValueError(f"DePT head tensors {sorted(head)} do not match {sorted(own)}")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(head[n].to(p.device, p.dtype))
+    def learned_tensors(self):
+        """The learner's, and the head's under 'head.'."""
+        head = {"head." + n: p for n, p in self.named_parameters() if not n.startswith("learner.")}
+        return dict(self.learner.learned_tensors(), **head)
 
     def param_groups(self, lr):
         """The released staged learning rate: the head at lr x lr_scale, the learner's tensors at lr

@@ -46,16 +46,16 @@ class DualPrompt(nn.Module):
         if param == "released" and not 0 < omega_b <= 1:
             raise ValueError(f"--dpc_param released divides by omega_b; it needs 0 < omega_b <= 1 (got {omega_b})")
         own, state = dict(learner.named_parameters()), learner.learned_state()
-        self.names = [n for n in state if n in own]  # P: the learned tensors (and any frozen prompt)
+        self.names = [n for n in state if n in own]  # P: the learned tensors (any frozen prompt too)
         # state that no gradient trains but a forward updates (PromptKD's BatchNorm statistics): stage
         # 1's values are kept for the classes scored with stage 1's tensors
         self.kept = {n: v for n, v in state.items() if n not in own}
         self.prompt = [n for n in self.names if learner.prompt_names is None or n in learner.prompt_names]
         self.omega_b, self.param = omega_b, param
         for n in self.names:
-            self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P: frozen, saved with the wrapper
+            self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P, frozen
         self.stored = nn.ParameterDict({self._key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})
-        self.learner = learner.requires_grad_(False)  # its own tensors keep P; the forward substitutes P'
+        self.learner = learner.requires_grad_(False)  # holds P; the forward substitutes P'
 
     @staticmethod
     def _key(name):
@@ -69,7 +69,7 @@ class DualPrompt(nn.Module):
         """The learner's tensors as the stage-2 forward uses them (differentiable): P' and the rest."""
         M, w = {n: self.stored[self._key(n)] for n in self.names}, self.omega_b
         if self.param == "released":
-            M.update({n: (M[n] - (1 - w) * M[n].detach()) * (1 / w) for n in self.prompt})  # F^-1(M), P aliasing M
+            M.update({n: (M[n] - (1 - w) * M[n].detach()) * (1 / w) for n in self.prompt})  # F^-1(M)
         return M
 
     def mix(self, omega, others="trained"):
@@ -105,37 +105,27 @@ class DualPrompt(nn.Module):
 # -----------------------------------------------------------------------------
 # 2. DHNO's ranking: each training image's Top-K base classes under the frozen prompt P (METHODS.md B4)
 
-@torch.no_grad()
-def image_text_neighbours(learner, loader, K, device):
-    """For every training image, the K base classes its frozen learner scores highest.
-
-    learner: the frozen stage-1 model (prompt P) over all base classes; loader yields (image, label,
-    index) over the training items (augmented views, as DPC ranks augmented anchors). Batched, no
-    gradients. Returns (N, K) class ids, highest similarity first (softmax would not change the
-    order, so the logits are ranked directly)."""
-    learner = getattr(learner, "ranker", learner)  # PromptKD ranks with its teacher, as released
-    was_training = learner.training
-    learner.eval()
-    texts = class_texts(learner)  # (C, E), once (None: the learner's texts depend on the image)
-    table = torch.empty(len(loader.dataset), K, dtype=torch.long)
-    for images, _, idx in loader:
-        logits = class_logits(learner, images.to(device), texts)  # (B, C)
-        table[idx] = logits.topk(K, dim=1).indices.cpu()
-    learner.train(was_training)
-    return table
-
-
 class ImageTextRanking:
-    """The neighbour source HardNegativeBatchSampler asks every epoch: it re-ranks every
-    training image on a fresh augmented view with the frozen learner (P), giving an (N, K)
-    table, one row per training item."""
+    """The neighbour source HardNegativeBatchSampler asks every epoch: for every training image, on a
+    fresh augmented view (loader of (image, label, index)), the K base classes the frozen stage-1
+    learner (P) scores highest, as an (N, K) table; the logits are ranked directly (softmax keeps
+    their order)."""
 
     def __init__(self, learner, loader, K, device):
         self.learner, self.loader, self.K, self.device = learner, loader, K, device
         self.num_classes = len(learner.classnames)
 
+    @torch.no_grad()
     def __call__(self, epoch):
-        return image_text_neighbours(self.learner, self.loader, self.K, self.device)
+        learner = self.learner
+        was_training = learner.training
+        learner.eval()
+        texts = class_texts(learner)  # (C, E), once (None: the learner's texts depend on the image)
+        table = torch.empty(len(self.loader.dataset), self.K, dtype=torch.long)
+        for images, _, idx in self.loader:
+            table[idx] = class_logits(learner, images.to(self.device), texts).topk(self.K, dim=1).indices.cpu()
+        learner.train(was_training)
+        return table
 
 
 # -----------------------------------------------------------------------------

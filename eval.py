@@ -1,19 +1,16 @@
-"""Evaluation: accuracy on base / new / all classes, re-evaluation of saved runs,
-transfer to other datasets.
+"""Evaluation: base / new / all-class accuracy, saved runs re-evaluated, transfer, prediction, prompt words.
 
-    python eval.py --ckpt runs/dtd/coop-mao/shots16_seed1          # a run folder, evaluated as train.py does
+    python eval.py --ckpt runs/dtd/coop-mao/shots16_seed1          # a run folder, as train.py evaluates it
     python eval.py --ckpt runs/dtd/coop-none/shots16_seed1/prompt.pt --subsample all
     python eval.py --ckpt runs/xd-imagenet/coop-mao/shots16_seed1 --datasets xd,dg   # Table 2, DG
+    python eval.py --ckpt runs/dtd/coop-mao/shots16_seed1 --predict a.jpg --words    # one image; the prompt
     python eval.py --summarize runs/ --plot runs/   # the papers' tables and figures (report.py)
 
-Base-to-new (CoOp protocol, MAO §4.1): base accuracy on the base test split, new accuracy on the new
-test split, HM = 2 B N / (B + N). A MAO run holds two prompts: the base-step prompt scores the base
-classes, the new-step prompt the new classes (as the paper's ablations and official code do).
-
-Cross-dataset (MAO §4.2, Table 2): a prompt trained on all ImageNet classes (train.py
---subsample all) is applied zero-shot to each target's full test split with the target's own
-class names. Domain generalisation: the same prompt on ImageNet-V2 / -Sketch / -A / -R
-(ImageNet's classes, or 200 of them)."""
+Base-to-new (CoOp protocol, MAO §4.1): base accuracy on the base test split, new on the new one, HM =
+2 B N / (B + N); each class set is scored by the run's prompt for it (MAO: the base-step prompt for
+base classes, the new-step prompt for new ones, as the paper's ablations and official code do).
+Cross-dataset (MAO §4.2, Table 2): a prompt trained on every ImageNet class (train.py --subsample all)
+on each target's full test split with its own class names; DG: on ImageNet-V2 / -Sketch / -A / -R."""
 import argparse
 import json
 import os
@@ -25,7 +22,7 @@ from tqdm import tqdm
 from clip_prompt import build_learner, class_logits, class_texts, load_clip
 from dept import DePT
 from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, error_line,
-                  fewshot_splits, read_image, read_splits, subsample_classes)
+                  fewshot_splits, read_image, read_splits, subsample_classes, write_json)
 from report import harmonic_mean, plot, summarize
 
 
@@ -93,7 +90,7 @@ def _setup(ckpt, overrides):
     a = dict(ckpt["args"], **overrides)
     device = a.get("device") or "auto"
     if device == "auto" or (device.startswith("cuda") and not torch.cuda.is_available()):
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU-trained prompt works on CPU too
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # GPU-trained prompts run here too
     device = torch.device(device)
     model = load_clip(a["clip"], device, a.get("precision", "auto"))
     return model, build_transforms(model.visual.input_resolution)[1], device, a
@@ -125,7 +122,7 @@ def prompt_learner(model, ck, names, device, all_names=None):
         kw["teacher"] = load_teacher(ck["args"]["teacher"], all_names or names, device, ck["args"]["precision"])
     learner = build_learner(ck["backbone"], model, names, **kw)
     state = dict(ck["learned"])
-    if any(n.startswith("head.") for n in state):  # a DePT run's prompt for the classes it trained on
+    if any(n.startswith("head.") for n in state):  # DePT's, for the classes it trained on
         rows = [ck["classnames"].index(n) for n in names]
         state.update({n: state[n][rows] for n in ("head.head.weight", "head.head.bias")})
         learner = DePT(learner, ck["args"]["dept_weight"], ck["args"]["dept_lr_scale"]).to(device)
@@ -168,7 +165,7 @@ def load_predictor(run, classes="all", overrides=None):
     ckpts = {w: load_checkpoint(f) for w, f in files.items()}
     model, test_tf, device, a = _setup(ckpts["base"], overrides)
     names = {"base": ckpts["base"]["classnames"]}
-    if ckpts["base"]["subsample"] != "all":  # a prompt.pt trained alone: the new names from the split file
+    if ckpts["base"]["subsample"] != "all":  # a prompt.pt alone: new names from the split
         names["new"] = (ckpts["new"]["classnames"] if ckpts["new"]["subsample"] == "new" else
                         subsample_classes(read_splits(a["dataset"], a["root"])[0], "new")[1])
     groups = [w for w in names if classes in (w, "all")] or ["base"]  # an all-class run has one set
@@ -198,7 +195,7 @@ def prompt_words(run, k=3, device="cpu"):
     for path in files if os.path.isdir(run) else [run]:
         ck = load_checkpoint(path)
         key, a = ("text_ctx", load_checkpoint(prompt_files(ck["args"]["teacher"])["base"])["args"]) \
-            if ck["backbone"] == "promptkd" else ("ctx", ck["args"])  # PromptKD: the teacher's text side
+            if ck["backbone"] == "promptkd" else ("ctx", ck["args"])  # PromptKD: the teacher's
         if a["clip"] not in vocab:
             vocab[a["clip"]] = load_clip(a["clip"], torch.device(device), "fp32").token_embedding.weight
         dist, idx = torch.cdist(ck["learned"][key].float().to(device), vocab[a["clip"]]).topk(k, largest=False)
@@ -253,9 +250,7 @@ def evaluate_transfer(run, targets, overrides=None, redo=False):
                                f"test {t}")
         done["accuracy"][t], done["prompt"][t] = acc, os.path.basename(files[which])
         done["classes"][t], done["test_images"][t] = len(names), len(sub["test"])
-        with open(path + ".tmp", "w") as f:
-            json.dump(done, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(done, path)
         print(f"{t}: {acc:.2f} ({len(names)} classes, {len(sub['test'])} test images, "
               f"{done['prompt'][t]})")
     return done
@@ -296,10 +291,10 @@ def main(argv=None):
     if a.words:
         for name, rows in prompt_words(a.ckpt).items():
             print(name, *(f"  {j + 1}: " + "  ".join(w for w, _ in row) for j, row in enumerate(rows)), sep="\n")
-        return None
     if a.predict:
         for path, top in zip(a.predict, load_predictor(a.ckpt, a.classes, overrides)(a.predict)):
             print(path, *(f"  {p:6.1%}  {n}  ({f})" for n, p, f in top[:5]), sep="\n")
+    if a.words or a.predict:
         return None
     if a.datasets:
         return evaluate_transfer(a.ckpt, parse_targets(a.datasets), overrides, a.redo)

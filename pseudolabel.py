@@ -22,7 +22,7 @@ class PseudoLabeler:
     def __init__(self, teacher):
         self.teacher = teacher.eval()
         with torch.no_grad():
-            self.text_features = class_texts(teacher)  # (N, E), once (None: texts depend on the image)
+            self.text_features = class_texts(teacher)  # (N, E) once; None: per image
         self.logit_scale = teacher.clip.logit_scale.exp().item()
 
     @torch.no_grad()
@@ -35,7 +35,7 @@ class PseudoLabeler:
             img = frozen_image_features
         else:
             img = self.teacher.encode_image(images)
-        return assign_pseudo_labels(self.logit_scale * img.float() @ self.text_features.t())  # (B, N)
+        return assign_pseudo_labels(self.logit_scale * img.float() @ self.text_features.t())
 
     @torch.no_grad()
     def label_dataset(self, loader, device):

@@ -1,7 +1,7 @@
 """Reporting: our runs in the papers' table layouts, the papers' numbers beside them, the figures.
 
-    python eval.py --summarize runs/   # Table 1 / Table 2 layouts, mean +- std over seeds, paper beside
-    python eval.py --plot runs/        # Fig. 3 (HM bars per backbone), Fig. 4 (--topk / --new_shots)
+    python eval.py --summarize runs/   # Table 1 / Table 2 layouts, the papers' numbers beside
+    python eval.py --plot runs/        # Fig. 3 (HM per backbone), Fig. 4 (--topk / --new_shots)
 
 Across seeds, base and new are averaged first and HM is computed from the averages; the average over
 datasets does the same with the dataset means (as the papers compute theirs). A run that changed a
@@ -169,7 +169,7 @@ def b2n_rows(runs, seeds=None, warnings=None):
         if set(BASE_TO_NEW) <= set(dsets) and reported:
             paper, note = reported, "reported"
         elif per_dataset and set(dsets) & set(BASE_TO_NEW):
-            same = [per_dataset[d] for d in dsets if d in BASE_TO_NEW]  # the paper over the same datasets
+            same = [per_dataset[d] for d in dsets if d in BASE_TO_NEW]  # the paper's, same datasets
             pb, pn = statistics.mean(p[0] for p in same), statistics.mean(p[1] for p in same)
             paper, note = (pb, pn, harmonic_mean(pb, pn)), f"paper's rows for the same {len(same)} datasets"
         missing = [d for d in BASE_TO_NEW if d not in dsets] if set(dsets) & set(BASE_TO_NEW) else []

@@ -98,7 +98,7 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
             self.rank_fn, self.C, self.K = neighbours, neighbours.num_classes, neighbours.K
         else:
             self.C, self.K = neighbours.shape
-            self.neighbours = neighbours.tolist()  # python ints: the per-batch work is a few list lookups
+            self.neighbours = neighbours.tolist()  # python ints: a batch is a few lookups
         check_settings(self.C, b, self.K)
         self.b, self.seed, self.distinct, self.epoch = b, seed, distinct_anchors, 0
         self.released, self.fallback_high = released, fallback_high if fallback_high is not None else self.C - 1
@@ -119,7 +119,7 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
             self.item_neighbours = table.tolist()
 
     def __len__(self):
-        return max(1, len(self.labels) // self.b)  # each image anchors once an epoch; no partial batch
+        return max(1, len(self.labels) // self.b)  # each image anchors once an epoch
 
     def negatives(self, y, used, rng, i=None):
         """The nearest classes of y (of item i's row, for a per-image ranking) not used yet, topped
@@ -158,14 +158,14 @@ class HardNegativeBatchSampler(torch.utils.data.Sampler):
             while queue and len(anchors) < self.b:
                 i = queue.pop()
                 if self.distinct and self.labels[i] in classes:
-                    deferred.append(i)  # same class as an earlier anchor: it anchors a later batch instead
+                    deferred.append(i)  # its class is taken: a later batch
                     continue
                 anchors.append(i)
                 classes.add(self.labels[i])
             queue.extend(reversed(deferred))
             if not anchors:
                 return
-            batch, used = [], set(classes)  # every anchor's class is taken before any negative is chosen
+            batch, used = [], set(classes)  # anchors' classes before any negative
             for i in anchors:
                 batch.append(i)
                 batch.extend(rng.choice(self.images_of[c]) for c in self.negatives(self.labels[i], used, rng, i))

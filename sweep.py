@@ -1,11 +1,10 @@
-"""A grid of independent train.py runs: datasets x backbones x methods x
-seeds, skipping finished ones.
+"""A grid of independent train.py runs: datasets x backbones x methods x seeds, finished ones skipped.
 
     python sweep.py --datasets demo --backbones zsclip,coop,maple --methods none,mao,dpc --seeds 1,2,3
-    python sweep.py --datasets all --root DATA --slice 0/4      # the first of 4 slices (one per GPU)
+    python sweep.py --datasets all --root DATA --slice 0/4      # slice 1 of 4 (one per GPU)
     python sweep.py --datasets dtd,eurosat --dry_run            # what would run and what is done
     python sweep.py --datasets dtd --out_suffix k4 -- --topk 4  # flags after -- go to every run
-    python sweep.py --protocol xd --root DATA                   # Table 2 + DG: ImageNet, then targets
+    python sweep.py --protocol xd --root DATA                   # Table 2 + DG
 
 Base-to-new (--protocol b2n): a run is finished when its results.json exists, so an interrupted
 sweep resumes where it stopped; a run that crashes is reported and the sweep goes on. Each run is
@@ -25,15 +24,9 @@ from eval import parse_targets
 
 
 def run_list(a):
-    """Every (dataset, backbone, method, seed) of the grid in a fixed order;
-    zero-shot CLIP once a seed."""
-    runs = []
-    for ds in a.datasets:
-        for seed in a.seeds:
-            for bb in a.backbones:
-                for m in (["none"] if bb == "zsclip" else a.methods):
-                    runs.append((ds, bb, m, seed))
-    return runs
+    """Every (dataset, backbone, method, seed) of the grid in a fixed order; zero-shot CLIP once."""
+    return [(ds, bb, m, seed) for ds in a.datasets for seed in a.seeds for bb in a.backbones
+            for m in (["none"] if bb == "zsclip" else a.methods)]
 
 
 def out_dir(a, ds, bb, m, seed):
@@ -42,8 +35,7 @@ def out_dir(a, ds, bb, m, seed):
 
 
 def missing_targets(a, run):
-    """The transfer targets an all-class run has not been evaluated on yet
-    (all without transfer.json)."""
+    """The transfer targets an all-class run has not been evaluated on yet."""
     path = os.path.join(out_dir(a, *run), "transfer.json")
     if not os.path.isfile(path):
         return list(a.targets)
@@ -117,8 +109,7 @@ def main(argv=None):
 
 
 def commands(a, r, extra, st):
-    """The processes one run needs: train.py unless trained, then (xd) eval.py on the
-    targets still missing."""
+    """The processes one run needs: train.py, then (xd) eval.py on the targets still missing."""
     ds, bb, m, seed = r
     out = os.path.abspath(out_dir(a, ds, bb, m, seed))
     cmds = []

@@ -1,22 +1,22 @@
-"""Prompt tuning on the base classes, alone, with MAO or with DPC, then base / new / HM evaluation.
+"""Prompt tuning on the base classes: alone, with MAO, DPC or DePT; then base / new / HM evaluation.
 
-    python train.py --backbone coop --dataset dtd --root DATA    # CoOp + MAO: base step, then new step
-    python train.py --backbone coop --dataset dtd --method none  # the CoOp baseline of MAO's Table 1
+    python train.py --backbone coop --dataset dtd --root DATA    # CoOp + MAO: base, then new step
+    python train.py --backbone coop --dataset dtd --method none  # CoOp alone (MAO's Table 1)
     python train.py --backbone coop --dataset dtd --method dpc   # DPC: the backbone, then P'
     python train.py --dataset demo                               # the toy world, shipped demo CLIP
 
-MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two halves (§3.2-3.3): the
-base step trains on hard-negative batches (sampler.py, Eq. (4)) with CE over each batch's classes only
-(Eq. (5)-(6)); the new step trains the same prompt on *unlabeled* new-class images with Top-1 zero-shot
-pseudo-labels (pseudolabel.py, Eq. (7)) and CE over all new classes (Eq. (8)). DPC (dpc.py) trains a
-parallel prompt after the backbone alone. main() reads as the paper's Fig. 2: data -> frozen CLIP ->
-prompt learner -> {alone | MAO's two steps | DPC's two stages} -> evaluation. docs/flags.md has every flag.
+MAO (ICME 2025, arXiv 2503.18160v1) splits the backbone's epoch budget in two halves (§3.2-3.3):
+the base step trains on hard-negative batches (sampler.py, Eq. (4)) with CE over each batch's
+classes only (Eq. (5)-(6)); the new step trains the same prompt on *unlabeled* new-class images
+with Top-1 zero-shot pseudo-labels (pseudolabel.py, Eq. (7)) and CE over all new classes (Eq.
+(8)). DPC (dpc.py) trains a parallel prompt after the backbone alone; DePT (dept.py) a head beside
+it. main() reads as the paper's Fig. 2: data -> frozen CLIP -> prompt learner -> {alone | MAO |
+DPC | DePT} -> evaluation. docs/flags.md has every flag.
 """
 import argparse
 import errno
 import fcntl
 import glob
-import json
 import math
 import os
 import random
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from clip_prompt import BACKBONES, EncodeCounter, ZeroShotCLIP, build_learner, load_clip
 from data import (DATASETS, ImageList, build_transforms, check_images, dataset_spec, decode_all,
-                  error_line, fewshot_splits, hide_labels, read_splits, subsample_classes)
+                  error_line, fewshot_splits, hide_labels, read_splits, subsample_classes, write_json,
+                  write_whole)
 from demo import DEMO_CLIP, make_demo
 from dept import DePT, dept_loss
 from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
@@ -50,11 +51,11 @@ DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo o
 # MAO Table 1's baselines (and DPC's stage 1): MAO Supp. B runs every backbone "with unified epochs
 # ep = 20 and learning rate lr = 0.002", batch 32; --baseline_recipe published: the authors' configs
 MAO_BASELINE = dict(epochs=20, lr=0.002, batch_size=32)
-SRC = dict(gpa_mean=15, gpa_std=1, text_weight=25.0, image_weight=10.0)  # PromptSRC's own terms and GPA
+SRC = dict(gpa_mean=15, gpa_std=1, text_weight=25.0, image_weight=10.0)  # PromptSRC's terms, GPA
 PRESETS = {  # (backbone, method): what differs from DEFAULTS (BACKBONES.md §3-§12, MAO Supp. B)
     ("coop", "none"): dict(epochs=200),  # CoCoOp's vit_b16_ctxv1 base-to-new config (ImageNet: 50)
-    ("coop", "mao"): dict(lr=0.0035),  # MAO: 10 + 10 epochs at lr 0.0035, 4 tokens from "a photo of a"
-    ("maple", "none"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=2),  # vit_b16_c2_ep5_batch4_2ctx
+    ("coop", "mao"): dict(lr=0.0035),  # MAO: 10 + 10 epochs at lr 0.0035
+    ("maple", "none"): dict(epochs=5, lr=0.0035, batch_size=4, n_ctx=2),  # its vit_b16_c2_ep5_batch4_2ctx
     ("maple", "mao"): dict(lr=0.0035, batch_size=4, n_ctx=2),
     ("promptsrc", "none"): dict(lr=0.0025, batch_size=4, **SRC),  # vit_b16_c2_ep20_batch4_4+4ctx
     ("promptsrc", "mao"): dict(lr=0.0035, batch_size=4, **SRC),
@@ -62,7 +63,7 @@ PRESETS = {  # (backbone, method): what differs from DEFAULTS (BACKBONES.md §3-
     ("ivlp", "mao"): dict(lr=0.0035, batch_size=4),
     ("cocoop", "none"): dict(epochs=10, batch_size=1),  # vit_b16_c4_ep10_batch1_ctxv1
     ("cocoop", "mao"): dict(lr=0.0035),
-    ("kgcoop", "none"): dict(epochs=100, batch_size=128, kg_weight=8.0),  # vit_b16_ep100_ctxv1, W = 8
+    ("kgcoop", "none"): dict(epochs=100, batch_size=128, kg_weight=8.0),  # vit_b16_ep100_ctxv1
     ("kgcoop", "mao"): dict(lr=0.0035, kg_weight=8.0),
     # PromptKD (its vit_b16_c2_ep20_batch8_4+4ctx, base2new_train.sh): T = 1, KD weight 1000
     ("promptkd", "none"): dict(lr=0.005, batch_size=8, kd_temperature=1.0, kd_weight=1000.0),
@@ -79,7 +80,7 @@ PRESETS = {  # (backbone, method): what differs from DEFAULTS (BACKBONES.md §3-
 # Cross-dataset / DG source runs (--subsample all): the published XD configs (BACKBONES.md §11.2);
 # MAO trains its base step only, 5 epochs at lr 0.0035 (MAO Supp. B), on the XD structure (depth 3)
 XD_STRUCTURE = {"maple": dict(depth=3), "promptsrc": dict(depth=3, gpa_mean=6, gpa_std=10), "ivlp": dict(depth=3)}
-XD_ALONE = {"coop": dict(epochs=50), "maple": dict(epochs=2, lr=0.0026)}  # vit_b16_ep50_ctxv1, ..._2ctx_cross
+XD_ALONE = {"coop": dict(epochs=50), "maple": dict(epochs=2, lr=0.0026)}  # ep50_ctxv1, c2_ep2_2ctx_cross
 PRESETS_ALL = {(b, m): dict(v, **XD_STRUCTURE.get(b, {}), **(dict(epochs=5, lr=0.0035) if m == "mao" else
                                                               XD_ALONE.get(b, {}) if m == "none" else {}))
                for (b, m), v in PRESETS.items()}
@@ -88,9 +89,10 @@ DATASET_PRESETS = {"dtd": dict(anchors=2), "oxford_pets": dict(anchors=2), "euro
                    "demo": dict(anchors=2)}
 # Where MAO and DPC leave a choice: the papers' behaviour, or (--recipe official) the released code's
 PAPER_BEHAVIOUR = dict(ar_dedup=1, pseudo_labeler="clip", released_batches=0, dpc_param="direct",
-                       dpc_base_infer="mixed", dpc_backbone_losses=1)
+                       dpc_base_infer="mixed", dpc_backbone_losses=1, dpc_ranker="prompt")
 RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned", released_batches=1,
-                          dpc_param="released", dpc_base_infer="parallel", dpc_backbone_losses=0)
+                          dpc_param="released", dpc_base_infer="parallel", dpc_backbone_losses=0,
+                          dpc_ranker="teacher")
 # Flags that do not change what is learned; any other one away from its paper value makes a "variant"
 # (results.json), tabulated apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "teacher", "device",
@@ -150,6 +152,7 @@ ap.add_argument("--dpc_lr", type=float, default=0.002, help="DPC stage-2 learnin
 ap.add_argument("--dpc_param", choices=["direct", "released"], help="how P' is updated (direct)")
 ap.add_argument("--dpc_base_infer", choices=["mixed", "parallel"], help="base classes' prompt (mixed)")
 ap.add_argument("--dpc_backbone_losses", type=int, choices=[0, 1], help="backbone losses beside L_CL (1)")
+ap.add_argument("--dpc_ranker", choices=["prompt", "teacher"], help="DHNO's ranking: P, or PromptKD's teacher")
 # -- DePT --
 ap.add_argument("--dept_weight", type=float, default=0.7, help="w: DePT's weight of its head (0.7)")
 ap.add_argument("--dept_lr_scale", type=float, default=6.5, help="DePT head's lr multiple (6.5)")
@@ -191,7 +194,7 @@ def check_ranges(args):
 
 
 def setting_changes(args, preset):
-    """{flag: value} for every setting given away from the paper's (the preset, else the default)."""
+    """{flag: value} of every setting away from the paper's (the preset, else the default)."""
     paper = dict(preset, shots=16, new_shots=args.shots, stage=PARSER.get_default("stage"))
     if "distinct_anchors" not in paper:  # MAO: follows --ar_dedup (one text row per image: repeats)
         paper["distinct_anchors"] = args.ar_dedup if args.method == "mao" and args.ar_dedup is not None else 1
@@ -209,7 +212,7 @@ def parse_args(argv=None):
     """Flags -> resolved arguments: presets filled in, impossible settings refused with the fix
     named. Nothing changes the arguments after this returns."""
     args = PARSER.parse_args(argv)
-    args.dataset = dataset_spec(args.dataset)[0]  # unknown names fail here, before anything is written
+    args.dataset = dataset_spec(args.dataset)[0]  # an unknown name fails here
     if args.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone '{args.backbone}'. Choose one of: {', '.join(BACKBONES)}")
     check_ranges(args)
@@ -224,6 +227,8 @@ def parse_args(argv=None):
             args.kd_weight is not None or args.kd_temperature is not None)):
         raise ValueError("--backbone promptkd goes with --teacher RUN (a PromptSRC run: python train.py "
                          "--backbone promptsrc --method none); --teacher, --kd_* belong to PromptKD alone")
+    if args.dpc_ranker == "teacher" and args.backbone != "promptkd":
+        raise ValueError("--dpc_ranker teacher ranks with PromptKD's teacher; only --backbone promptkd has one")
     if args.method == "dept" and args.backbone in ("zsclip", "promptkd"):
         raise ValueError(f"--method dept needs a learner with a prompt and class texts; not {args.backbone}")
     words = len((args.ctx_init if args.ctx_init is not None else DEFAULTS["ctx_init"]).split())
@@ -284,8 +289,7 @@ def parse_args(argv=None):
 # Schedule, logging, checkpoints
 
 def lr_at(epoch, epochs, args, lr=None):
-    """Dassl's schedule: a constant warm-up at 1e-5, then the cosine over the
-    budget, shifted by it."""
+    """Dassl's schedule: a constant warm-up at 1e-5, then the cosine over the budget."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr
     return 0.5 * (lr or args.lr) * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / epochs))
@@ -304,17 +308,13 @@ def memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (KB on Linux)
 
 
-class Log:
-    """Prints above the progress bar and appends the same lines to out/log.txt."""
-
-    def __init__(self, path=None):
-        self.path = path
-
-    def __call__(self, msg):
+def make_log(path):
+    """log(msg): printed above the progress bar and appended to path (log.txt)."""
+    def log(msg):
         tqdm.write(msg)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+    return log
 
 
 class Meter:
@@ -335,14 +335,10 @@ class Meter:
 
 
 def save_atomic(obj, path):
-    """Write whole or not at all: a crash or a full disk never leaves a truncated file under path."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """torch.save, whole or not at all; a failure as an OSError that names path."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        write_whole(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as e:  # a full disk surfaces as RuntimeError from torch's writer
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OSError(getattr(e, "errno", None) or errno.EIO, f"writing failed ({str(e).splitlines()[0]})",
                       path) from None
 
@@ -353,8 +349,7 @@ def settings(args):
 
 
 def learner_kwargs(args, layers=None):
-    """The learner's settings; depth capped at the CLIP's layers when given
-    (a smaller CLIP than ViT-B/16)."""
+    """The learner's settings; depth capped at the CLIP's layers (a smaller CLIP than ViT-B/16)."""
     kw = dict(n_ctx=args.n_ctx, ctx_init=args.ctx_init, n_vis=args.n_vis,
               depth=min(args.depth, layers or args.depth))
     if args.backbone == "promptsrc":
@@ -399,15 +394,13 @@ def make_optimizer(learner, lr, args):
 
 
 def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=None, aggregate=True):
-    """Train the learner's tensors for `epochs` epochs; loss_fn(batch) -> (loss, {name: value})
-    per step. With --gpa_mean > 0 (PromptSRC) and aggregate, the prompts end as their
-    Gaussian-weighted epoch average. Returns {seconds, load_seconds (waiting for the loader),
-    steps, sums of every logged part} over the whole stage, resumed parts included; cost (the
-    phase's figures) gets the loader's seconds and those of the process a --resume continues."""
+    """Train the learner's tensors for `epochs` epochs; loss_fn(batch) -> (loss, {name: value}).
+    With --gpa_mean > 0 and aggregate (PromptSRC) the prompts end as their Gaussian epoch average.
+    Returns {seconds, load_seconds, steps, sums of the logged parts}, resumed parts included."""
     device = torch.device(args.device)
     lr0 = lr or args.lr
     opt = make_optimizer(learner, lr0, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP: scale the loss
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP
     last = os.path.join(args.out, f"{stage}_last.pt")
     start, gpa, stats = 0, None, dict(seconds=0.0, load_seconds=0.0, steps=0, sums={})
     weights = gpa_weights(epochs, args.gpa_mean, args.gpa_std) if aggregate and args.gpa_mean > 0 else None
@@ -426,8 +419,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
         lr = lr_at(epoch, epochs, args, lr0)
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch, epochs, args, g["base_lr"])
-        # every epoch's randomness depends on (seed, epoch) only, so a resumed run
-        # repeats an uninterrupted one
+        # each epoch's randomness depends on (seed, epoch) only: a resumed run repeats a whole one
         torch.manual_seed(args.seed * 10_000 + epoch)
         random.seed(args.seed * 10_000 + epoch)
         if hasattr(loader.batch_sampler, "set_epoch"):
@@ -460,7 +452,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
                     f"mem {memory_gb(device):.1f}G")
             t_wait = time.time()
         state = learner.learned_state()
-        if weights is not None:  # Gaussian prompt aggregation: an epoch-level step, learnable tensors, fp32
+        if weights is not None:  # GPA: per epoch, in fp32
             gpa = {k: (0 if gpa is None else gpa[k]) + weights[epoch] * v.float() for k, v in state.items()}
         stats = dict(seconds=stats["seconds"] + time.time() - t_epoch, load_seconds=stats["load_seconds"] + load,
                      steps=stats["steps"] + len(loader), sums={k: stats["sums"].get(k, 0.0) + v
@@ -476,8 +468,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
 
 
 # -----------------------------------------------------------------------------
-# main: data -> frozen CLIP -> prompt learner -> {alone | MAO base + new step | DPC
-# stage 1 + 2} -> evaluation
+# main: data -> frozen CLIP -> prompt learner -> {alone | MAO | DPC | DePT} -> evaluation
 
 DEMO_NOTE = ("Toy world (README, 'The embedded demo'): a small CLIP pretrained here on synthetic captioned "
              "shapes, 36 colour-shape classes. Its numbers describe this task, not the paper's benchmarks.")
@@ -488,7 +479,7 @@ def main(argv=None):
     args = parse_args(argv)
     with OutputLock(args) as lock:  # a folder holding another run, or in use, is refused first
         seed_everything(args.seed)
-        data = load_data(args)  # everything that fails on bad input fails before anything is written
+        data = load_data(args)  # bad input fails here, nothing written
         model = load_clip(args.clip, args.device, args.precision)
         loaders = Loaders(args, data, model.visual.input_resolution)
         learner = build_model(args, model, data)
@@ -501,11 +492,9 @@ def main(argv=None):
             states, extra = {"base": train_backbone(args, learner, loaders, meter, log)}, {}
         elif args.method == "mao":
             states, extra = run_mao(args, learner, data, loaders, neighbours, meter, log)
-        elif args.method == "dpc":
-            learner, states = run_dpc(args, learner, data, loaders, meter, log)
-            extra = {}
         else:
-            learner, states, extra = *run_dept(args, learner, data, loaders, meter, log), {}
+            run = run_dpc if args.method == "dpc" else run_dept
+            learner, states, extra = *run(args, learner, data, loaders, meter, log), {}
         train_seconds = time.time() - t_train + meter.resumed
         with meter.phase("evaluation"):
             res = evaluate_run(args, learner, data, loaders, states)
@@ -514,13 +503,12 @@ def main(argv=None):
 
 
 def load_data(args):
-    """The few-shot base classes (labelled) and the new classes (training images
-    unlabeled, test labelled); every training image is read now, so a broken one stops the
-    run before anything is written."""
+    """The few-shot base classes (labelled) and the new classes (training images unlabeled); every
+    image is checked now, so a broken one stops the run before anything is written."""
     if args.dataset == "demo" and not os.path.isdir(os.path.join(args.root, "demo")):
         print(f"writing the synthetic demo dataset to {make_demo(args.root)}")
     splits, image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
-    if args.subsample == "all":  # cross-dataset / DG source: every class seen ("base" below), none new
+    if args.subsample == "all":  # a cross-dataset source: all classes
         base, base_names = subsample_classes(splits, "all")
         new, new_names = {"train": [], "test": []}, []
     else:
@@ -550,7 +538,7 @@ def load_data(args):
     else:
         for v in sets.values():
             check_images(image_dir, v)
-    check_images(image_dir, base["test"] + new["test"])  # headers only: a broken one fails before training
+    check_images(image_dir, base["test"] + new["test"])  # headers: a broken one fails now
     return Data(image_dir, base, base_names, new, new_names, distil, decoded, note)
 
 
@@ -593,7 +581,7 @@ def build_model(args, model, data):
                                     f"--stage base first into {args.out}")
         learner.load_learned(load_checkpoint(args.init_from, args.device)["learned"])
     if args.method == "dpc" or (args.method == "mao" and args.stage in ("both", "base")):
-        check_settings(len(data.base_names), args.anchors, args.topk)  # both build hard-negative batches
+        check_settings(len(data.base_names), args.anchors, args.topk)  # hard-negative batches
     return learner
 
 
@@ -664,12 +652,11 @@ def start_output(args, data, learner, lock):
     lock.claim()
     for tmp in glob.glob(os.path.join(args.out, "*.tmp*")):  # what an interrupted write left behind
         os.remove(tmp)
-    log = Log(os.path.join(args.out, "log.txt"))
+    log = make_log(os.path.join(args.out, "log.txt"))
     if args.dataset == "demo" and args.clip == DEMO_CLIP:
         log(DEMO_NOTE)
     log(" ".join(f"{k}={v}" for k, v in vars(args).items()))
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    write_json(vars(args), os.path.join(args.out, "args.json"))
     if data.note:
         log(data.note)
     nparams = sum(p.numel() for p in learner.parameters() if p.requires_grad)
@@ -703,12 +690,10 @@ def train_backbone(args, learner, loaders, meter, log):
 
 
 # -----------------------------------------------------------------------------
-# MAO: the base step (Eq. (4)-(6)) on the first half of the budget, the new step
-# (Eq. (7)-(8)) on the second
+# MAO: the base step (Eq. (4)-(6)) on the first half of the budget, the new step (Eq. (7)-(8)) on the second
 
 def run_mao(args, learner, data, loaders, neighbours, meter, log):
-    """({'base': the base-step prompt (scores base classes), 'new': the new-step prompt
-    (new classes)}, {'pseudo_labels': how often the new step's labels were right})."""
+    """({'base': the base-step prompt, 'new': the new-step prompt}, {'pseudo_labels': their quality})."""
     base = learner.learned_state()
     if args.stage in ("both", "base"):
         base = mao_base_step(args, learner, data, loaders, neighbours, meter, log)
@@ -733,11 +718,11 @@ def mao_base_step(args, learner, data, loaders, neighbours, meter, log):
         images, labels, _ = batch
         labels = labels.to(device)
         candidates, targets = dynamic_candidates(labels, dedup=bool(args.ar_dedup))  # Eq. 5
-        out = learner(images.to(device), candidates)  # the text encoder runs for the candidates only
+        out = learner(images.to(device), candidates)  # only the candidates' texts
         ce = dynamic_candidate_loss(out.logits, targets)  # Eq. 6
         parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "cand": len(candidates)}
         return ce + sum(out.losses.values()), parts
-    epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # cross-dataset: base step only
+    epochs = args.epochs if args.subsample == "all" else args.epochs // 2  # xd: base step only
     with meter.phase("mao_base") as cost:
         loader = loaders.train("base", data.base["train"], batch_sampler=sampler)
         train_stage("base", learner, loader, base_step_loss, epochs, args, log, cost)
@@ -746,8 +731,8 @@ def mao_base_step(args, learner, data, loaders, neighbours, meter, log):
 
 
 def pseudo_labeler(args, learner, data, base_state):
-    """The frozen teacher of Eq. (7) over the new classes: zero-shot foundation CLIP (paper, Table
-    5) or the base-step prompt (released code)."""
+    """Eq. (7)'s frozen teacher over the new classes: zero-shot CLIP (paper, Table 5) or the base-step
+    prompt (released code)."""
     if args.pseudo_labeler == "clip":
         return PseudoLabeler(ZeroShotCLIP(learner.clip, data.new_names, "a photo of a {}."))
     teacher = new_learner(args, learner.clip, data.new_names, getattr(learner, "teacher", None))
@@ -762,7 +747,7 @@ def mao_new_step(args, learner, data, loaders, labeler, log, cost):
     device = torch.device(args.device)
     learner.set_classnames(data.new_names)  # the same learned tensors, new [CLASS] tokens
     unlabeled = hide_labels(data.new["train"])  # the training loop never sees new-class labels
-    fixed = None  # --pseudo_label_every epoch: the teacher is frozen, so un-augmented views are labelled once
+    fixed = None  # --pseudo_label_every epoch: un-augmented views, labelled once
     if args.pseudo_label_every == "epoch":
         fixed = labeler.label_dataset(loaders.test(unlabeled, data.decoded["new"]), device).to(device)
     agreement = hidden_label_agreement(data.new["train"])  # diagnostic only, never part of the loss
@@ -772,7 +757,7 @@ def mao_new_step(args, learner, data, loaders, labeler, log, cost):
         images = images.to(device)
         out = learner(images)  # logits over all new classes C_n
         with torch.no_grad():
-            pseudo = fixed[idx.to(device)] if fixed is not None else labeler(images, out.frozen_image_features)  # Eq. 7
+            pseudo = labeler(images, out.frozen_image_features) if fixed is None else fixed[idx.to(device)]  # Eq. 7
         ce = pseudo_label_loss(out.logits, pseudo)  # Eq. 8
         parts = {"ce": ce.item(), **{k: v.item() for k, v in out.losses.items()}, "pl_acc": agreement(idx, pseudo)}
         return ce + sum(out.losses.values()), parts
@@ -784,16 +769,14 @@ def mao_new_step(args, learner, data, loaders, labeler, log, cost):
 
 
 def hidden_label_agreement(items):
-    """agreement(idx, pseudo): the fraction of a batch's pseudo-labels equal to the hidden labels,
-    kept apart from training (the images the step sees carry none)."""
+    """agreement(idx, pseudo): the share of a batch's pseudo-labels equal to the hidden labels."""
     hidden = torch.tensor([y for _, y, _ in items])
     return lambda idx, pseudo: (pseudo.cpu() == hidden[idx]).float().mean().item()
 
 
 def pseudo_label_quality(args, labeler, data, loaders, stats, fixed, log):
-    """How often the new step's pseudo-labels equal the hidden labels: over the labels
-    it trained on, and on the un-augmented views (labelled here unless
-    --pseudo_label_every epoch already did)."""
+    """How often the new step's pseudo-labels equal the hidden labels: those it trained on, and those
+    of the un-augmented views."""
     device = torch.device(args.device)
     hidden = torch.tensor([y for _, y, _ in data.new["train"]])
     once = fixed.cpu() if fixed is not None else labeler.label_dataset(
@@ -813,8 +796,7 @@ def pseudo_label_quality(args, labeler, data, loaders, stats, fixed, log):
 # DPC: stage 1 (the backbone alone, prompt P), then stage 2 (the parallel prompt P', dpc.py)
 
 def run_dpc(args, learner, data, loaders, meter, log):
-    """A fresh learner for evaluation, and {'base', 'new'}: the
-    weighting-decoupled prompts; 'stage1': P."""
+    """(a fresh learner, {'base', 'new': the weighting-decoupled prompts, 'stage1': P})."""
     device = torch.device(args.device)
     if args.init_from:
         log(f"DPC stage 1: prompt P from {args.init_from}")
@@ -824,11 +806,14 @@ def run_dpc(args, learner, data, loaders, meter, log):
     views = torch.utils.data.DataLoader(ImageList(data.image_dir, data.base["train"], loaders.train_tf,
                                                   data.decoded["base"]),
                                         batch_size=args.test_batch_size, num_workers=args.workers)
-    ranking = ImageTextRanking(dual.learner, views, args.topk, device)  # the inner learner holds P
+    # DHNO ranks with frozen P (the inner learner holds it), or with the learner's teacher where it has one
+    # (--dpc_ranker teacher: PromptKD's, as the released PromptKD+DPC ranks)
+    teacher = getattr(learner, "teacher", None) if args.dpc_ranker == "teacher" else None
+    ranking = ImageTextRanking(teacher or dual.learner, views, args.topk, device)
     sampler = HardNegativeBatchSampler([y for _, y, _ in data.base["train"]], ranking, args.anchors,
                                        seed=args.seed, distinct_anchors=bool(args.distinct_anchors),
                                        released=bool(args.released_batches),
-                                       fallback_high=max(1, len(data.base_names) - 2))  # released CoOp+DPC
+                                       fallback_high=max(1, len(data.base_names) - 2))  # as released
 
     def dpc_loss(batch):
         images, labels, _ = batch
@@ -841,8 +826,7 @@ def run_dpc(args, learner, data, loaders, meter, log):
     learner = new_learner(args, learner.clip, data.base_names, getattr(learner, "teacher", None))
     for name, key in (("parallel_prompt.pt", "parallel"), ("base_prompt.pt", "base"), ("new_prompt.pt", "new")):
         learner.load_learned(prompts[key])
-        # new_prompt.pt scores classes not trained on: the new half, or a
-        # cross-dataset target's classes
+        # new_prompt.pt scores classes not trained on: the new half, or a cross-dataset target's
         learner.set_classnames(data.new_names if key == "new" and data.new_names else data.base_names)
         save_prompt(args, learner, name, "new" if key == "new" else args.subsample, args.dpc_epochs, "dpc")
     return learner, {"base": prompts["base"], "new": prompts["new"], "stage1": dual.frozen_prompt()}
@@ -884,7 +868,7 @@ def evaluate_run(args, learner, data, loaders, states):
            "shots": args.shots, "protocol": "b2n" if args.subsample == "base" else "all",
            "stage": args.stage if args.method == "mao" else None, "recipe": args.recipe, "variant": args.variant}
     base_test, new_test = data.base["test"], data.new["test"]
-    if args.subsample == "all":  # the source accuracy of Table 2; targets: eval.py --ckpt OUT --datasets
+    if args.subsample == "all":  # Table 2's source; targets: eval.py
         res["all"] = acc(data.base_names, states["base"], base_test, "test all")
         if "stage1" in states:
             res["all_stage1"] = acc(data.base_names, states["stage1"], base_test, "test all (P)")
@@ -893,7 +877,7 @@ def evaluate_run(args, learner, data, loaders, states):
     res["base"] = acc(data.base_names, states["base"], base_test, "test base")
     if args.method == "dpc":
         res["new"] = acc(data.new_names, states["new"], new_test, "test new (omega_n mix)")
-        res["base_stage1"] = acc(data.base_names, states["stage1"], base_test, "test base (P)")  # alone
+        res["base_stage1"] = acc(data.base_names, states["stage1"], base_test, "test base (P)")
         res["new_stage1"] = res["new"] if args.omega_n == 0 else acc(data.new_names, states["stage1"],
                                                                      new_test, "test new (P)")
     elif args.method == "dept":  # new classes: the learner's cosine logits alone
@@ -917,18 +901,10 @@ def evaluate_run(args, learner, data, loaders, states):
 
 
 def finish(args, res, log):
-    """Write results.json atomically (its presence marks the run finished for
-    sweep.py), print the line."""
+    """Print the line, then write results.json whole (its presence marks the run finished)."""
     line, path = res.pop("line"), os.path.join(args.out, "results.json")
     log(line)  # printed first: a full disk below still leaves the accuracies on the screen
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
+    write_json(res, path)
     log(f"wrote {path}")
     return res
 

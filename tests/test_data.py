@@ -1,5 +1,4 @@
 """The CoOp protocol on synthetic images placed at the real paths of the published split files."""
-import json
 import os
 import pickle
 import shutil

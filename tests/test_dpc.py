@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_prompt import CoOp, build_learner
+from clip_prompt import build_learner
 from conftest import run_train
-from dpc import DualPrompt, ImageTextRanking, image_text_neighbours, symmetric_contrastive_loss
+from dpc import DualPrompt, ImageTextRanking, symmetric_contrastive_loss
 from sampler import HardNegativeBatchSampler, class_neighbours
 
 NAMES = ["red circle", "red square", "blue triangle", "green star"]
@@ -134,7 +134,7 @@ def test_dpc_ranking_follows_the_prompt_not_minilm(minilm):
     ds = torch.utils.data.TensorDataset(images, torch.tensor(labels), torch.arange(len(labels)))
     loader = torch.utils.data.DataLoader(ds, batch_size=3)
     fake = _FakeLearner(text, image_of_label)
-    table = image_text_neighbours(fake, loader, 2, "cpu")
+    table = ImageTextRanking(fake, loader, 2, "cpu")(0)
     assert table[:, 1].tolist() == [3, 3, 2, 2, 1, 1, 0, 0]
     sampler = HardNegativeBatchSampler(labels, ImageTextRanking(fake, loader, 2, "cpu"), b=1, seed=0)
     with pytest.raises(RuntimeError, match="set_epoch"):

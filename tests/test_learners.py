@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from clip_prompt import CoCoOp, KgCoOp, build_learner, zero_shot_text_features
+from clip_prompt import CoCoOp, KgCoOp, build_learner
 from conftest import run_train
 from dpc import DualPrompt, stage2_loss
 from losses import dynamic_candidate_loss, dynamic_candidates

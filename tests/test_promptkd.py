@@ -106,14 +106,17 @@ def test_dpc_stage2_on_promptkd_is_the_released_update(tiny_clip, teacher):
         assert torch.equal(dual.stored[n.replace(".", "__")].grad, t[n].grad), n
 
 
-def test_dhno_ranks_with_the_teacher(tiny_clip, teacher):
+def test_dhno_ranks_with_p_or_with_the_teacher_as_released(tiny_clip, teacher):
     kd = student(tiny_clip, teacher)
     images = torch.randn(6, 3, 32, 32)
     loader = torch.utils.data.DataLoader(list(zip(images, torch.zeros(6), torch.arange(6))), batch_size=3)
-    table = ImageTextRanking(kd, loader, 2, "cpu")(0)
-    with torch.no_grad():  # parse_sple_batch_train: the teacher's image features against its base texts
-        expected = (teacher.encode_image(images) @ teacher.encode_text().t()).topk(2, dim=1).indices
-    assert torch.equal(table, expected)
+    with torch.no_grad():  # in eval mode, as DHNO ranks (the projector's BatchNorm on its running statistics)
+        by_p = (kd.eval().encode_image(images) @ kd.encode_text().t()).topk(2, dim=1).indices  # the student, P
+        # parse_sple_batch_train: the teacher's image features against its base texts
+        by_teacher = (teacher.encode_image(images) @ teacher.encode_text().t()).topk(2, dim=1).indices
+    assert torch.equal(ImageTextRanking(kd, loader, 2, "cpu")(0), by_p)  # the paper (the default)
+    assert torch.equal(ImageTextRanking(teacher, loader, 2, "cpu")(0), by_teacher)  # --dpc_ranker teacher
+    assert not torch.equal(by_p, by_teacher)  # the two rankings differ here, so the test can tell them apart
 
 
 def test_size_at_vit_b16_widths_is_the_released_students():

@@ -71,7 +71,7 @@ def test_batches(tables, key, b, K):
 
 def test_each_anchor_is_followed_by_its_nearest_classes():
     """b = 1: a batch is exactly [anchor, one image of each of its K-1 nearest classes], every image anchors once."""
-    C, K = 8, 3
+    C = 8
     nb = torch.tensor([[c, (c + 3) % C, (c + 5) % C] for c in range(C)])
     labels = fewshot_labels(C, shots=2)
     batches = list(HardNegativeBatchSampler(labels, nb, b=1, seed=0))
