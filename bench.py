@@ -78,8 +78,7 @@ def stats(xs):
 
 
 def live_bytes(*objs):
-    """Bytes of the distinct tensor storages held by modules, optimizers,
-    tensors and lists of them."""
+    """Bytes of the distinct tensor storages held by modules, optimizers and tensors."""
     seen, total = set(), 0
 
     def add(t):

@@ -183,8 +183,7 @@ def read_splits(name, root):
 
 
 def _read_imagenet(ddir, image_dir, root):
-    """ImageNet from folders; the slow listing is cached in
-    imagenet/preprocessed.pkl, as CoOp does."""
+    """ImageNet from folders; the slow listing cached in preprocessed.pkl, as CoOp does."""
     cache = os.path.join(ddir, "preprocessed.pkl")
     if os.path.isfile(cache):
         with open(cache, "rb") as f:
@@ -234,8 +233,7 @@ def _atomic_pickle(obj, path):
 # Few-shot subsets (seeded, cached like CoOp's split_fewshot/shot_K-seed_S.pkl)
 
 def fewshot(items, shots, rng, strict=True):
-    """shots random items per label, labels in order of first appearance (CoOp's
-    generate_fewshot_dataset)."""
+    """shots random items per label, labels in order of appearance (generate_fewshot_dataset)."""
     groups = {}
     for it in items:
         groups.setdefault(it[1], []).append(it)
@@ -293,8 +291,7 @@ def fewshot_splits(name, root, shots, seed):
 # Base / new classes (CoOp's subsample_classes): the first ceil(n/2) labels are base, the rest new
 
 def subsample_classes(splits, which):
-    """The 'base', 'new' or 'all' classes in every split, relabelled
-    0..C-1: (splits, classnames)."""
+    """(splits, classnames) of the 'base', 'new' or 'all' classes, relabelled 0..C-1."""
     labels = sorted({y for _, y, _ in splits["train"]} or {y for _, y, _ in splits["test"]})
     m = math.ceil(len(labels) / 2)
     chosen = {"all": labels, "base": labels[:m], "new": labels[m:]}[which]
@@ -358,8 +355,7 @@ def decode_all(image_dir, items, threads=1):
 
 
 def check_images(image_dir, items):
-    """Open every image's header (no decoding): a missing or broken file
-    fails now, naming its path."""
+    """Every image's header (no decoding): a missing or broken file fails now, naming its path."""
     for rel, _, _ in items:
         read_image(os.path.join(image_dir, rel), decode=False)
 
@@ -384,6 +380,5 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def hide_labels(items):
-    """The new step's images without their labels: only paths survive, so
-    training cannot read them."""
+    """The images without their labels: only paths survive, so training cannot read them."""
     return [(p, -1, "") for p, _, _ in items]

@@ -68,8 +68,7 @@ DEMO_CLASSES = DEMO_CLASSES[0] + DEMO_CLASSES[1]
 
 
 def sample_scene(rng, colour=None, shape=None):
-    """Attributes of one image: the main object (colour, shape, size, pattern),
-    background, optional distractor."""
+    """One image's attributes: the object (colour, shape, size, pattern), background, distractor."""
     colour = colour or rng.choice(list(COLOURS))
     shape = shape or rng.choice(SHAPES)
     scene = dict(colour=colour, shape=shape, size=rng.choice(("small", "large")), pattern=rng.choice(PATTERNS),
@@ -202,16 +201,14 @@ def batch(rng, n, resolution):
 
 
 def contrastive_loss(model, images, tokens):
-    """CLIP's loss over a batch of (image, caption) pairs: matching pairs on the
-    diagonal, both directions."""
+    """CLIP's loss over (image, caption) pairs: matching pairs on the diagonal, both directions."""
     img, txt = F.normalize(model.encode_image(images), dim=-1), F.normalize(model.encode_text(tokens), dim=-1)
     return symmetric_contrastive_loss(model.logit_scale.exp() * img @ txt.t())  # (B, B) logits
 
 
 @torch.no_grad()
 def zero_shot(model, seed=123, per_class=10, template="a photo of a {}."):
-    """Zero-shot top-1 (%) on fresh sharp scenes, within the base half and within the
-    new half of the classes."""
+    """Zero-shot top-1 (%) on fresh sharp scenes, within the base and within the new half."""
     model.eval()
     rng = random.Random(seed)
     names = [f"{c} {s}" for c, s in DEMO_CLASSES]
@@ -230,8 +227,7 @@ def zero_shot(model, seed=123, per_class=10, template="a photo of a {}."):
 
 
 def pretrain(steps=1200, batch_size=128, lr=1e-3, seed=0, log_every=300, model=None, quiet=False):
-    """AdamW with CLIP's warm-up + cosine schedule. Returns the trained model
-    and the per-step losses."""
+    """AdamW with CLIP's warm-up + cosine schedule: (the trained model, the per-step losses)."""
     model = model or build(seed)
     model.train()
     rng = random.Random(seed)

@@ -28,8 +28,7 @@ from report import harmonic_mean, plot, summarize
 
 @torch.no_grad()
 def accuracy(learner, loader, device, desc="eval"):
-    """Top-1 accuracy in % over a loader of (image, label, index); text
-    features are computed once."""
+    """Top-1 accuracy (%) over a loader of (image, label, index); text features computed once."""
     learner.eval()
     texts = class_texts(learner)  # (C, E) once, unless the learner's texts depend on the image
     correct = total = 0
@@ -82,8 +81,7 @@ def prompt_files(run):
 
 
 def _setup(ckpt, overrides):
-    """(CLIP, test transform, device, arguments) to evaluate a checkpoint;
-    overrides beat its arguments."""
+    """(CLIP, test transform, device, arguments) of a checkpoint; overrides beat its arguments."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "backbone" in overrides and overrides["backbone"] != ckpt["backbone"]:
         raise ValueError(f"checkpoint is a '{ckpt['backbone']}' prompt, not '{overrides['backbone']}'")
@@ -209,8 +207,7 @@ def prompt_words(run, k=3, device="cpu"):
 
 
 def parse_targets(spec):
-    """'xd' (Table 2's 10 targets), 'dg' (the 4 ImageNet variants) and dataset
-    names, comma separated."""
+    """Comma-separated 'xd' (Table 2's 10 targets), 'dg' (the ImageNet variants), dataset names."""
     out = []
     for name in spec.split(","):
         for t in {"xd": XD_TARGETS, "dg": DG_TARGETS}.get(name.strip(), [name.strip()]):
