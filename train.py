@@ -915,8 +915,8 @@ def failure_line(e, argv):
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted; continue with: {again}"
     if isinstance(e, OSError) and e.filename and e.strerror:
-        return (f"error: {e.filename}: {e.strerror}. Free space or choose a writable --out; then {again} "
-                f"continues from the last complete checkpoint")
+        return (f"error: {e.filename}: {e.strerror}. Free space or make it writable (else start again with "
+                f"another --out); then {again} continues from the last complete checkpoint")
     return f"error: {error_line(e)}"
 
 
