@@ -251,6 +251,13 @@ class ZeroShotCLIP(Learner):
 # -----------------------------------------------------------------------------
 # CoOp: M learnable context vectors shared by all classes (Eq. (1)), CLIP's image encoder untouched
 
+def phrase_context(model, phrase, n):
+    """The token embeddings of the phrase's first n words: a context's initial value. (n, D)"""
+    ids = clip.tokenize(phrase).to(model.token_embedding.weight.device)
+    with torch.no_grad():
+        return model.token_embedding(ids)[0, 1:1 + n].float()
+
+
 class CoOp(Learner):
     """CoOp. Learnable tensors are fp32, cast to CLIP's dtype where they enter the sequence."""
     frozen_image_encoder = True  # image features are plain CLIP's, so others may reuse them
@@ -268,9 +275,7 @@ class CoOp(Learner):
             # V1..VM start at the embeddings of the phrase's first M tokens. MaPLe / IVLP keep
             # the whole phrase in the sequence, so with M = 2 the words "of a" stay fixed
             # after the learnable slots.
-            ids = clip.tokenize(ctx_init).to(model.token_embedding.weight.device)
-            with torch.no_grad():
-                ctx = model.token_embedding(ids)[0, 1:1 + n_ctx].float()  # (M, D)
+            ctx = phrase_context(model, ctx_init, n_ctx)  # (M, D)
             self.prefix = ctx_init
         else:
             ctx = torch.empty(n_ctx, D).normal_(std=0.02)  # (M, D)
@@ -552,9 +557,20 @@ class PromptKD(Learner):
         self.set_classnames(classnames)
 
     def set_classnames(self, classnames):
+        """Score other classes: rows of the teacher's class list, which no student changes (learners of
+        one run share their teacher)."""
+        missing = [c for c in classnames if c not in self.teacher.classnames]
+        if missing:
+            raise ValueError(f"PromptKD scores its teacher's classes only; not {', '.join(missing[:3])}")
         self.classnames = list(classnames)
-        self.teacher.set_classnames(self.classnames)  # its token buffers for the classes scored
+        rows = [self.teacher.classnames.index(c) for c in self.classnames]
+        self.register_buffer("rows", torch.tensor(rows, device=self.kd_text.device), persistent=False)
         self._text = None
+
+    def own_text_prompts(self):
+        """Deep text prompts of its own, trainable, from the teacher's values: the text encoder of the
+        released PromptKD+DPC stage 2 (--dpc_text_deep trained) has prompts of its own."""
+        self.text_prompts = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in self.teacher.text_prompts)
 
     def train(self, mode=True):
         super().train(mode)
@@ -567,9 +583,10 @@ class PromptKD(Learner):
 
     def text_features(self, class_ids=None):
         """The teacher's text encoder on the scored classes, with text_ctx as its context. (C', Et)"""
-        pre, suf, eot = self.teacher.tokens(class_ids)
+        pre, suf, eot = self.teacher.tokens(self.rows if class_ids is None else self.rows[class_ids])
         x = torch.cat([pre, self.text_ctx.to(pre.dtype).expand(pre.shape[0], -1, -1), suf], dim=1)
-        return encode_token_embeddings(self.teacher.clip, x, eot, self.teacher.deep_text()).float()
+        deep = list(self.text_prompts) if hasattr(self, "text_prompts") else self.teacher.deep_text()
+        return encode_token_embeddings(self.teacher.clip, x, eot, deep).float()
 
     def encode_text(self, class_ids=None):
         if self.text_ctx.requires_grad:  # DPC trains P' here: every class encoded on every step, then
@@ -602,6 +619,8 @@ class PromptKD(Learner):
         return dict(own, **dict(self.projector.named_buffers(prefix="projector")))
 
     def load_learned(self, state):
+        if any(n.startswith("text_prompts.") for n in state) and not hasattr(self, "text_prompts"):
+            self.own_text_prompts()
         super().load_learned(state)
         self._text = None
 

@@ -39,7 +39,7 @@ class DualPrompt(nn.Module):
     decay acting at the plain lr (equivalently lr / w with weight decay w * wd; 5x the lr at
     w = 0.2). Below: the same arithmetic, with the aliasing made explicit as M.detach()."""
 
-    def __init__(self, learner, omega_b=0.2, param="direct"):
+    def __init__(self, learner, omega_b=0.2, param="direct", restart=()):
         super().__init__()
         if param not in ("direct", "released"):
             raise ValueError(f"param must be 'direct' or 'released', not '{param}'")
@@ -54,7 +54,11 @@ class DualPrompt(nn.Module):
         self.omega_b, self.param = omega_b, param
         for n in self.names:
             self.register_buffer("P__" + self._key(n), own[n].detach().clone())  # P, frozen
-        self.stored = nn.ParameterDict({self._key(n): nn.Parameter(own[n].detach().clone()) for n in self.names})
+        # P' starts as P; the tensors in `restart` from N(0, 0.02) instead, as a fresh build draws them (the
+        # released PromptKD+DPC's stage 2 never loads its deep prompts: --dpc_vision_deep, --dpc_text_deep)
+        self.stored = nn.ParameterDict({self._key(n): nn.Parameter(
+            own[n].detach().clone() if n not in restart else torch.empty_like(own[n]).normal_(std=0.02))
+            for n in self.names})
         self.learner = learner.requires_grad_(False)  # holds P; the forward substitutes P'
 
     @staticmethod

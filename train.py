@@ -14,6 +14,7 @@ it. main() reads as the paper's Fig. 2: data -> frozen CLIP -> prompt learner ->
 DPC | DePT} -> evaluation. docs/flags.md has every flag.
 """
 import argparse
+import copy
 import errno
 import fcntl
 import glob
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clip_prompt import BACKBONES, EncodeCounter, ZeroShotCLIP, build_learner, load_clip
+from clip_prompt import BACKBONES, EncodeCounter, ZeroShotCLIP, build_learner, load_clip, phrase_context
 from data import (DATASETS, ImageList, build_transforms, check_images, dataset_spec, decode_all,
                   error_line, fewshot_splits, hide_labels, read_splits, subsample_classes, write_json,
                   write_whole)
@@ -47,7 +48,7 @@ from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
 # Paper presets: an explicit flag beats the recipe, which beats the preset, which beats DEFAULTS
 
 DEFAULTS = dict(epochs=20, lr=0.002, batch_size=32, n_ctx=4, ctx_init="a photo of a", anchors=4, topk=8,
-                n_vis=4, depth=9, gpa_mean=0, gpa_std=0)
+                n_vis=4, depth=9, gpa_mean=0, gpa_std=0, best_val=0)
 # MAO Table 1's baselines (and DPC's stage 1): MAO Supp. B runs every backbone "with unified epochs
 # ep = 20 and learning rate lr = 0.002", batch 32; --baseline_recipe published: the authors' configs
 MAO_BASELINE = dict(epochs=20, lr=0.002, batch_size=32)
@@ -65,13 +66,14 @@ PRESETS = {  # (backbone, method): what differs from DEFAULTS (BACKBONES.md §3-
     ("cocoop", "mao"): dict(lr=0.0035),
     ("kgcoop", "none"): dict(epochs=100, batch_size=128, kg_weight=8.0),  # vit_b16_ep100_ctxv1
     ("kgcoop", "mao"): dict(lr=0.0035, kg_weight=8.0),
-    # PromptKD (its vit_b16_c2_ep20_batch8_4+4ctx, base2new_train.sh): T = 1, KD weight 1000
-    ("promptkd", "none"): dict(lr=0.005, batch_size=8, kd_temperature=1.0, kd_weight=1000.0),
+    # PromptKD (its vit_b16_c2_ep20_batch8_4+4ctx, base2new_train.sh): T = 1, KD weight 1000, the epoch best on
+    # val kept (TEST.FINAL_MODEL best_val)
+    ("promptkd", "none"): dict(lr=0.005, batch_size=8, kd_temperature=1.0, kd_weight=1000.0, best_val=1),
     ("promptkd", "mao"): dict(lr=0.0035, kd_temperature=1.0, kd_weight=1000.0),
-    # DePT (Koorye/DePT's train.py and configs: 10 epochs, batch 4, lr 0.0035; its CoOp: 16 random
-    # context vectors; its KgCoOp: W = 2); IVLP and PromptSRC have no released DePT trainer
+    # DePT (Koorye/DePT's configs.py: 10 epochs, batch 4, lr 0.0035; its CoOp: 16 random context vectors; its
+    # KgCoOp: W = 2; its CoCoOp: CoCoOp's vit_b16_c4_ep10_batch1_ctxv1); IVLP, PromptSRC: no released trainer
     ("coop", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=16, ctx_init=""),
-    ("cocoop", "dept"): dict(epochs=10, lr=0.0035, batch_size=4),
+    ("cocoop", "dept"): dict(epochs=10, batch_size=1),
     ("kgcoop", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, kg_weight=2.0),
     ("maple", "dept"): dict(epochs=10, lr=0.0035, batch_size=4, n_ctx=2),
     ("ivlp", "dept"): dict(epochs=10, lr=0.0035, batch_size=4),
@@ -89,10 +91,11 @@ DATASET_PRESETS = {"dtd": dict(anchors=2), "oxford_pets": dict(anchors=2), "euro
                    "demo": dict(anchors=2)}
 # Where MAO and DPC leave a choice: the papers' behaviour, or (--recipe official) the released code's
 PAPER_BEHAVIOUR = dict(ar_dedup=1, pseudo_labeler="clip", released_batches=0, dpc_param="direct",
-                       dpc_base_infer="mixed", dpc_backbone_losses=1, dpc_ranker="prompt")
+                       dpc_base_infer="mixed", dpc_backbone_losses=1, dpc_ranker="prompt",
+                       dpc_vision_deep="stage1", dpc_text_deep="teacher", dpc_ranker_ctx="trained")
+RELEASED_KD = dict(dpc_ranker="teacher", dpc_vision_deep="random", dpc_text_deep="trained", dpc_ranker_ctx="init")
 RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned", released_batches=1,
-                          dpc_param="released", dpc_base_infer="parallel", dpc_backbone_losses=0,
-                          dpc_ranker="teacher")
+                          dpc_param="released", dpc_base_infer="parallel", dpc_backbone_losses=0, **RELEASED_KD)
 # Flags that do not change what is learned; any other one away from its paper value makes a "variant"
 # (results.json), tabulated apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "teacher", "device",
@@ -126,7 +129,7 @@ ap.add_argument("--gpa_mean", type=float, help="PromptSRC GPA mean epoch (15; 0 
 ap.add_argument("--gpa_std", type=float, help="PromptSRC GPA std (1)")
 ap.add_argument("--teacher", help="PromptKD's teacher: a PromptSRC run folder of this project")
 ap.add_argument("--kd_temperature", type=float, help="T: PromptKD's distillation temperature (1)")
-ap.add_argument("--kd_weight", type=float, help="PromptKD's KD loss weight (1000; Aircraft, Flowers 200)")
+ap.add_argument("--kd_weight", type=float, help="PromptKD's KD loss weight (1000; Aircraft, Flowers, DTD 200)")
 # -- MAO --
 ap.add_argument("--method", default="mao", choices=["mao", "none", "dpc", "dept"], help="the plug-in, or none")
 ap.add_argument("--stage", default="both", choices=["both", "base", "new"], help="MAO steps to run")
@@ -153,6 +156,11 @@ ap.add_argument("--dpc_param", choices=["direct", "released"], help="how P' is u
 ap.add_argument("--dpc_base_infer", choices=["mixed", "parallel"], help="base classes' prompt (mixed)")
 ap.add_argument("--dpc_backbone_losses", type=int, choices=[0, 1], help="backbone losses beside L_CL (1)")
 ap.add_argument("--dpc_ranker", choices=["prompt", "teacher"], help="DHNO's ranking: P, or PromptKD's teacher")
+ap.add_argument("--dpc_ranker_ctx", choices=["trained", "init"], help="the teacher ranks with its context (released: init)")
+ap.add_argument("--dpc_vision_deep", choices=["stage1", "random"], help="PromptKD: P''s deep vision prompts start "
+                "(released: N(0, 0.02))")
+ap.add_argument("--dpc_text_deep", choices=["teacher", "trained"], help="PromptKD: L_CL's deep text prompts: the "
+                "teacher's (released: fresh ones, trained)")
 # -- DePT --
 ap.add_argument("--dept_weight", type=float, default=0.7, help="w: DePT's weight of its head (0.7)")
 ap.add_argument("--dept_lr_scale", type=float, default=6.5, help="DePT head's lr multiple (6.5)")
@@ -164,6 +172,8 @@ ap.add_argument("--momentum", type=float, default=0.9)
 ap.add_argument("--weight_decay", type=float, default=5e-4)
 ap.add_argument("--warmup_epochs", type=int, default=1, help="constant warm-up epochs before the cosine")
 ap.add_argument("--warmup_lr", type=float, default=1e-5)
+ap.add_argument("--best_val", type=int, choices=[0, 1], help="keep the epoch best on the few-shot val split's base "
+                "classes, not the last (PromptKD 1)")
 # -- system --
 ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 ap.add_argument("--precision", default="auto", choices=["auto", "fp16", "fp32"], help="frozen CLIP's")
@@ -227,8 +237,9 @@ def parse_args(argv=None):
             args.kd_weight is not None or args.kd_temperature is not None)):
         raise ValueError("--backbone promptkd goes with --teacher RUN (a PromptSRC run: python train.py "
                          "--backbone promptsrc --method none); --teacher, --kd_* belong to PromptKD alone")
-    if args.dpc_ranker == "teacher" and args.backbone != "promptkd":
-        raise ValueError("--dpc_ranker teacher ranks with PromptKD's teacher; only --backbone promptkd has one")
+    if args.backbone != "promptkd" and any(getattr(args, k) == v for k, v in RELEASED_KD.items()):
+        raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in RELEASED_KD.items())}: released PromptKD+DPC "
+                         f"behaviours; only --backbone promptkd has them")
     if args.method == "dept" and args.backbone in ("zsclip", "promptkd"):
         raise ValueError(f"--method dept needs a learner with a prompt and class texts; not {args.backbone}")
     words = len((args.ctx_init if args.ctx_init is not None else DEFAULTS["ctx_init"]).split())
@@ -243,8 +254,10 @@ def parse_args(argv=None):
                   **DATASET_PRESETS.get(args.dataset, {}), **PAPER_BEHAVIOUR)
     if args.recipe == "official":
         preset.update(RELEASED_BEHAVIOUR)
-    if args.backbone == "promptkd" and args.dataset in ("fgvc_aircraft", "oxford_flowers"):
+    if args.backbone == "promptkd" and args.dataset in ("fgvc_aircraft", "oxford_flowers", "dtd"):
         preset["kd_weight"] = 200.0  # base2new_train.sh
+    if args.dataset == "imagenet":
+        preset["best_val"] = 0  # CoOp's ImageNet has no val split apart from its test split
     if stage1 == "none" and args.subsample == "base" and args.baseline_recipe == "mao" and \
             args.backbone != "promptkd":  # MAO and DPC report PromptKD with its own recipe
         preset.update(MAO_BASELINE)
@@ -393,23 +406,24 @@ def make_optimizer(learner, lr, args):
                            weight_decay=args.weight_decay)
 
 
-def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=None, aggregate=True):
+def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=None, aggregate=True, select=None):
     """Train the learner's tensors for `epochs` epochs; loss_fn(batch) -> (loss, {name: value}).
-    With --gpa_mean > 0 and aggregate (PromptSRC) the prompts end as their Gaussian epoch average.
+    With --gpa_mean > 0 and aggregate (PromptSRC) the prompts end as their Gaussian epoch average; with
+    select (a validation score after each epoch) as the epoch that scored best (Dassl's best_val).
     Returns {seconds, load_seconds, steps, sums of the logged parts}, resumed parts included."""
     device = torch.device(args.device)
     lr0 = lr or args.lr
     opt = make_optimizer(learner, lr0, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # fp16 CLIP
     last = os.path.join(args.out, f"{stage}_last.pt")
-    start, gpa, stats = 0, None, dict(seconds=0.0, load_seconds=0.0, steps=0, sums={})
+    start, gpa, best, stats = 0, None, None, dict(seconds=0.0, load_seconds=0.0, steps=0, sums={})
     weights = gpa_weights(epochs, args.gpa_mean, args.gpa_std) if aggregate and args.gpa_mean > 0 else None
     if args.resume and os.path.isfile(last):
         ck = torch.load(last, map_location=device, weights_only=False)
         learner.load_learned(ck["learned"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        start, gpa, stats = ck["epoch"] + 1, ck.get("gpa"), ck.get("stats", stats)
+        start, gpa, best, stats = ck["epoch"] + 1, ck.get("gpa"), ck.get("best"), ck.get("stats", stats)
         log(f"[{stage}] resumed from {last}: " + (f"epoch {start + 1}/{epochs} next" if start < epochs
                                                    else f"all {epochs} epochs done"))
     resumed = stats["seconds"]
@@ -454,15 +468,24 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
         state = learner.learned_state()
         if weights is not None:  # GPA: per epoch, in fp32
             gpa = {k: (0 if gpa is None else gpa[k]) + weights[epoch] * v.float() for k, v in state.items()}
+        if select is not None:
+            score = select()
+            log(f"[{stage}] ep {epoch + 1}/{epochs} | val accuracy {score:.2f}")
+            if best is None or score > best[0]:  # a tie keeps the earlier epoch, as Dassl's is_best
+                best = (score, epoch, state)
         stats = dict(seconds=stats["seconds"] + time.time() - t_epoch, load_seconds=stats["load_seconds"] + load,
                      steps=stats["steps"] + len(loader), sums={k: stats["sums"].get(k, 0.0) + v
                                                                for k, v in sums.items()})
         save_atomic({"learned": state, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "gpa": gpa, "stats": stats, "settings": settings(args)}, last)
+                     "epoch": epoch, "gpa": gpa, "best": best, "stats": stats, "settings": settings(args)}, last)
     if weights is not None:
         learner.load_learned(gpa)
         log(f"[{stage}] prompts := Gaussian average over epochs (weights "
             f"{', '.join(f'{w:.3g}' for w in weights)})")
+    if best is not None:
+        learner.load_learned(best[2])
+        log(f"[{stage}] kept epoch {best[1] + 1} of {epochs}: the best val accuracy, {best[0]:.2f} (--best_val 1)")
+        cost.update(kept_epoch=best[1] + 1)
     cost.update(load_seconds=stats["load_seconds"], resumed_seconds=resumed)
     return stats
 
@@ -681,10 +704,12 @@ def train_backbone(args, learner, loaders, meter, log):
             return sum(out.losses.values()), parts
         ce = cross_entropy(out.logits, labels.to(device))  # Eq. 2
         return ce + sum(out.losses.values()), {"ce": ce.item(), **parts}
+    # --best_val: the few-shot val split of the base classes scores each epoch (never a test split)
+    select = (lambda: accuracy(learner, loaders.test(data.base["val"]), device, "val")) if args.best_val else None
     with meter.phase("backbone") as cost:
         which = "distil" if data.distil is not None else "base"
         loader = loaders.train(which, data.distil or data.base["train"], args.batch_size)
-        train_stage("base", learner, loader, plain_loss, args.epochs, args, log, cost)
+        train_stage("base", learner, loader, plain_loss, args.epochs, args, log, cost, select=select)
     save_prompt(args, learner, "prompt.pt", args.subsample, args.epochs, "base")
     return learner.learned_state()
 
@@ -802,18 +827,30 @@ def run_dpc(args, learner, data, loaders, meter, log):
         log(f"DPC stage 1: prompt P from {args.init_from}")
     else:
         train_backbone(args, learner, loaders, meter, log)
-    dual = DualPrompt(learner, args.omega_b, args.dpc_param)  # P' = P at the start; P frozen inside
+    kd = args.backbone == "promptkd"  # the released PromptKD+DPC (sple_promptkd.py) differs in three places
+    if kd and args.dpc_text_deep == "trained":
+        learner.own_text_prompts()  # its L_CL text encoder is a fresh one whose deep prompts train
+    restart = [n for n in learner.learned_tensors() if n.startswith("text_prompts.") or (
+        kd and args.dpc_vision_deep == "random" and n.startswith("vis_prompts."))]
+    dual = DualPrompt(learner, args.omega_b, args.dpc_param, restart)  # P' = P at the start; P frozen inside
     views = torch.utils.data.DataLoader(ImageList(data.image_dir, data.base["train"], loaders.train_tf,
                                                   data.decoded["base"]),
                                         batch_size=args.test_batch_size, num_workers=args.workers)
-    # DHNO ranks with frozen P (the inner learner holds it), or with the learner's teacher where it has one
-    # (--dpc_ranker teacher: PromptKD's, as the released PromptKD+DPC ranks)
-    teacher = getattr(learner, "teacher", None) if args.dpc_ranker == "teacher" else None
-    ranking = ImageTextRanking(teacher or dual.learner, views, args.topk, device)
+    # DHNO ranks with frozen P (the inner learner holds it), or (--dpc_ranker teacher, PromptKD's released
+    # ranking) with a copy of the teacher over the base classes, its context the initial one under
+    # --dpc_ranker_ctx init (its released ranker names the context ctx_x: the trained one never loads)
+    ranker = dual.learner
+    if kd and args.dpc_ranker == "teacher":
+        t = learner.teacher
+        ranker = copy.deepcopy(t, {id(t.clip): t.clip})  # the CLIP shared, the class list its own
+        ranker.set_classnames(data.base_names)
+        if args.dpc_ranker_ctx == "init":
+            ranker.ctx.data.copy_(phrase_context(t.clip, t.prefix, t.n_ctx))
+    ranking = ImageTextRanking(ranker, views, args.topk, device)
     sampler = HardNegativeBatchSampler([y for _, y, _ in data.base["train"]], ranking, args.anchors,
                                        seed=args.seed, distinct_anchors=bool(args.distinct_anchors),
-                                       released=bool(args.released_batches),
-                                       fallback_high=max(1, len(data.base_names) - 2))  # as released
+                                       released=bool(args.released_batches),  # its fallback: 1..C-2 as released
+                                       fallback_high=max(1, len(data.base_names) - (1 if kd else 2)))  # KD: C-1
 
     def dpc_loss(batch):
         images, labels, _ = batch

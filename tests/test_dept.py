@@ -108,7 +108,8 @@ def test_dept_is_exact_to_the_released_trainers(tiny_clip, name):
     loss, _ = dept_loss(dept, images, labels)
     ref.backward()
     loss.backward()
-    same = torch.equal if name != "kgcoop" else lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # KgCoOp: the two cosines differ by float rounding only, 4.2e-7 of the largest entry here: 1e-6 relative
+    same = torch.equal if name != "kgcoop" else lambda a, b: (a - b).abs().max() <= 1e-6 * b.abs().max()
     assert same(loss, ref)
     for n, p in dept.named_parameters():
         if p.requires_grad:

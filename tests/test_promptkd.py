@@ -1,20 +1,25 @@
 """PromptKD exact to the released trainers, written out here (zhengli97/PromptKD trainers/promptkd.py,
 JREion/DPC trainers/sple_promptkd.py): the student's logits, the KD loss and its gradients; DPC's stage-2
-loss and gradients on it; its size at ViT-B/16 widths; MAO and DPC one step; it never reads a label; a
-teacher that does not fit is refused."""
+loss and gradients on it, from the start its comments intend (the default) and from the start the released
+file actually runs (--recipe official); DHNO's rankings; its size at ViT-B/16 widths; MAO and DPC one step;
+the best-val epoch; learners sharing a teacher; it never reads a label; a teacher that does not fit is
+refused."""
+import copy
 import os
 
+import clip
 import pytest
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
+import eval as evaluation
 import train
-from clip_prompt import PromptKD, build_learner
+from clip_prompt import PromptKD, build_learner, phrase_context
 from conftest import run_train
 from dpc import DualPrompt, ImageTextRanking, stage2_loss
 from losses import dynamic_candidate_loss, dynamic_candidates
-from test_dept import perturbed, released_deep_image
+from test_dept import perturbed, released_deep_image, released_deep_text
 from test_learners import NAMES
 
 
@@ -71,28 +76,36 @@ def test_student_logits_kd_loss_and_gradients_are_the_released_ones(tiny_clip, t
             training=False) @ tea_txt[:3].t(), atol=1e-5)  # BatchNorm in eval mode: its running statistics
 
 
-def test_dpc_stage2_on_promptkd_is_the_released_update(tiny_clip, teacher):
-    """sple_promptkd.py under --recipe official: P' is the teacher's text context (converse, aliasing its
-    P), the vision prompts and projector train directly, L_CL only."""
-    w = 0.2
+@pytest.mark.parametrize("start", ["intended", "released"])
+def test_dpc_stage2_on_promptkd_from_the_intended_and_the_released_start(tiny_clip, teacher, start):
+    """sple_promptkd.py's update (--dpc_param released, L_CL only): P' is the teacher's text context (converse,
+    aliasing its P), the other tensors train directly. Its comments intend stage 2 to start from stage 1's deep
+    vision prompts and the teacher's deep text prompts (the default here). Released, VLPromptLearner_SPLE.__init__
+    writes them into transformer.ctx_list[i + 1], a list DPC's clip/model.py blocks never read, and its text
+    encoder is a fresh load_clip_to_cpu_teacher: both start as build_model's N(0, 0.02) and train
+    (--dpc_vision_deep random, --dpc_text_deep trained)."""
+    w, released = 0.2, start == "released"
     kd = student(tiny_clip, teacher).train()
     t, bn = copies(kd)
     M = kd.text_ctx.detach().clone().requires_grad_(True)
-    dual = DualPrompt(kd, omega_b=w, param="released").train()
+    if released:
+        kd.own_text_prompts()
+    restart = [n for n in kd.learned_tensors() if released and n.startswith(("vis_prompts.", "text_prompts."))]
+    dual = DualPrompt(kd, omega_b=w, param="released", restart=restart).train()
     assert dual.prompt == ["text_ctx"] and set(dual.kept) == {f"projector.1.{k}" for k in (
         "running_mean", "running_var", "num_batches_tracked")}
+    deep_text = [teacher.text_prompts[0]]
+    if released:  # the fresh prompts, as the stage-2 forward sees them: N(0, 0.02) draws, not stage 1's
+        t["vis_prompts.0"] = dual.stored["vis_prompts__0"].detach().clone().requires_grad_(True)
+        deep_text = [dual.stored["text_prompts__0"].detach().clone().requires_grad_(True)]
+        assert not torch.equal(t["vis_prompts.0"], kd.vis_prompts[0]) and 0.01 < deep_text[0].std() < 0.03
+        assert torch.equal(dual.frozen_prompt()["text_prompts.0"], teacher.text_prompts[0])  # P: the teacher's
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 2])
-    # CustomSPLECLIP.forward in training: VLPromptLearner_SPLE's converse ctx through the teacher's encoder
+    # CustomSPLECLIP.forward in training: VLPromptLearner_SPLE's converse ctx through the (teacher's) text encoder
     ctx = (M - (1 - w) * M.detach()) * (1 / w)
     pre, suf, eot = teacher.token_prefix, teacher.token_suffix, teacher.eot
-    x = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], dim=1) + tiny_clip.positional_embedding
-    x = x.permute(1, 0, 2)
-    for i, block in enumerate(tiny_clip.transformer.resblocks):
-        if i == 1:  # the teacher's deep text prompt of layer 1 (depth 2)
-            x = torch.cat([x[:1], teacher.text_prompts[0].unsqueeze(1).expand(-1, x.shape[1], -1), x[5:]])
-        x = block(x)
-    x = tiny_clip.ln_final(x.permute(1, 0, 2))
-    text = (x[torch.arange(x.shape[0]), eot] @ tiny_clip.text_projection)[labels.tolist()]
+    prompts = torch.cat([pre, ctx.unsqueeze(0).expand(pre.shape[0], -1, -1), suf], dim=1)
+    text = released_deep_text(tiny_clip, prompts, torch.nn.functional.one_hot(eot, 77), deep_text)[labels.tolist()]
     text = text / text.norm(dim=-1, keepdim=True)
     logits = tiny_clip.logit_scale.exp() * released_student(tiny_clip, t, bn, images) @ text.t()
     ids = torch.arange(4)
@@ -104,19 +117,32 @@ def test_dpc_stage2_on_promptkd_is_the_released_update(tiny_clip, teacher):
     assert torch.equal(dual.stored["text_ctx"].grad, M.grad)
     for n in t:  # the vision prompts and the projector: trained directly, as released
         assert torch.equal(dual.stored[n.replace(".", "__")].grad, t[n].grad), n
+    if released:  # the text encoder's deep prompt trains too
+        assert torch.equal(dual.stored["text_prompts__0"].grad, deep_text[0].grad)
 
 
-def test_dhno_ranks_with_p_or_with_the_teacher_as_released(tiny_clip, teacher):
+def test_dhno_ranks_with_p_or_with_the_teacher_trained_or_as_released(tiny_clip, teacher):
     kd = student(tiny_clip, teacher)
     images = torch.randn(6, 3, 32, 32)
     loader = torch.utils.data.DataLoader(list(zip(images, torch.zeros(6), torch.arange(6))), batch_size=3)
     with torch.no_grad():  # in eval mode, as DHNO ranks (the projector's BatchNorm on its running statistics)
         by_p = (kd.eval().encode_image(images) @ kd.encode_text().t()).topk(2, dim=1).indices  # the student, P
-        # parse_sple_batch_train: the teacher's image features against its base texts
-        by_teacher = (teacher.encode_image(images) @ teacher.encode_text().t()).topk(2, dim=1).indices
+        # parse_sple_batch_train: the teacher's image features against its base texts (intended: its trained ctx)
+        img = teacher.encode_image(images)
+        by_teacher = (img @ teacher.encode_text().t()).topk(2, dim=1).indices
+        # released: CustomCLIP_teacher's context is ctx_x, which the non-strict load_state_dict never fills, so
+        # it ranks with VLPromptLearner's "a photo of a" initialisation
+        ids = clip.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
+        with torch.no_grad():
+            emb = tiny_clip.token_embedding(ids)
+        text = released_deep_text(tiny_clip, emb, ids, list(teacher.text_prompts))
+        by_init = (img @ F.normalize(text, dim=-1).t()).topk(2, dim=1).indices
+    ranker = copy.deepcopy(teacher, {id(tiny_clip): tiny_clip})
+    ranker.ctx.data.copy_(phrase_context(tiny_clip, "a photo of a", 4))
     assert torch.equal(ImageTextRanking(kd, loader, 2, "cpu")(0), by_p)  # the paper (the default)
     assert torch.equal(ImageTextRanking(teacher, loader, 2, "cpu")(0), by_teacher)  # --dpc_ranker teacher
-    assert not torch.equal(by_p, by_teacher)  # the two rankings differ here, so the test can tell them apart
+    assert torch.equal(ImageTextRanking(ranker, loader, 2, "cpu")(0), by_init)  # and --dpc_ranker_ctx init
+    assert not torch.equal(by_p, by_teacher) and not torch.equal(by_teacher, by_init)  # they can be told apart
 
 
 def test_size_at_vit_b16_widths_is_the_released_students():
@@ -156,9 +182,16 @@ def test_promptkd_runs_never_read_a_label_and_refuse_a_teacher_that_does_not_fit
     flags = ["--backbone", "promptsrc", "--method", "none", "--epochs", "1", "--depth", "2"]
     _, teacher = run_train(tmp_path / "teacher", demo_root, tiny_clip_path, *flags)
     kd = ["--backbone", "promptkd", "--teacher", teacher, "--method", "none", "--epochs", "1", "--depth", "2"]
+    seen = []  # what --best_val scores after each epoch: the base classes' few-shot val split
+    real_accuracy = train.accuracy
+    monkeypatch.setattr(train, "accuracy", lambda m, loader, device, desc: (
+        seen.extend(loader.dataset.items) if desc == "val" else None) or real_accuracy(m, loader, device, desc))
     res, out = run_train(tmp_path / "a", demo_root, tiny_clip_path, *kd)
+    monkeypatch.undo()
+    val = train.subsample_classes(train.fewshot_splits("demo", demo_root, 8, 1)[0], "base")[0]["val"]
+    assert seen == val and res["cost"]["backbone"]["kept_epoch"] == 1
     log = open(os.path.join(out, "log.txt")).read()
-    assert "(kd " in log and " ce " not in log  # its own loss only
+    assert "(kd " in log and " ce " not in log and "kept epoch 1 of 1" in log  # its own loss only
     real = train.read_splits
 
     def scrambled(*a):  # every training label replaced: the student must not notice
@@ -173,3 +206,63 @@ def test_promptkd_runs_never_read_a_label_and_refuse_a_teacher_that_does_not_fit
     with pytest.raises(ValueError, match="trained on other classes"):
         run_train(tmp_path / "d", demo_root, tiny_clip_path, *kd[:2], "--teacher", other, *kd[4:])
     assert not os.path.exists(tmp_path / "d" / "run")
+
+
+def test_learners_sharing_a_teacher_leave_it_whole(tiny_clip, teacher):
+    """The base step's, the new step's and the labeller's students score other classes through the teacher's
+    one class list, which none of them changes: each one's KD text covers every class."""
+    a, b = student(tiny_clip, teacher, NAMES[:3]), student(tiny_clip, teacher, NAMES[3:])
+    before = a.eval().encode_text().clone()
+    b.set_classnames(NAMES[1:4])
+    c = student(tiny_clip, teacher, NAMES[3:])
+    assert teacher.classnames == NAMES and torch.equal(a.encode_text(), before)
+    assert torch.equal(c.kd_text, a.kd_text) and c.kd_text.shape[0] == len(NAMES)
+    with pytest.raises(ValueError, match="its teacher's classes only"):
+        b.set_classnames(["a class the teacher never saw"])
+
+
+def test_best_val_keeps_the_best_epoch_and_a_tie_keeps_the_earlier(tmp_path, tiny_clip):
+    learner = build_learner("coop", tiny_clip, NAMES[:3])
+    data = [(torch.randn(3, 32, 32), torch.tensor(i % 3), torch.tensor(i)) for i in range(6)]
+    loader = torch.utils.data.DataLoader(data, batch_size=3)
+    args = train.parse_args(["--dataset", "demo", "--device", "cpu", "--out", str(tmp_path), "--warmup_epochs", "0"])
+    scores, states, cost = iter([50.0, 70.0, 60.0, 70.0]), [], {}
+
+    def select():  # a val score after each epoch, and the state it scored
+        states.append(learner.learned_state())
+        return next(scores)
+    loss = lambda b: (learner(b[0]).logits.logsumexp(1).mean(), {})
+    train.train_stage("base", learner, loader, loss, 4, args, lambda m: None, cost, select=select)
+    assert cost["kept_epoch"] == 2 and torch.equal(learner.learned_state()["ctx"], states[1]["ctx"])
+    assert not torch.equal(states[1]["ctx"], states[3]["ctx"])  # epoch 4 tied with 2 and moved on: not kept
+
+
+def test_released_recipes_of_promptkd_and_dept_on_cocoop():
+    args = lambda *a: train.parse_args(["--device", "cpu", "--teacher", "T", *a])
+    assert args("--backbone", "promptkd", "--dataset", "dtd", "--method", "none").kd_weight == 200.0  # as released
+    assert args("--backbone", "promptkd", "--dataset", "eurosat", "--method", "none").kd_weight == 1000.0
+    kd = args("--backbone", "promptkd", "--dataset", "dtd", "--method", "dpc")
+    assert kd.best_val == 1 and args("--backbone", "promptkd", "--dataset", "imagenet", "--method", "none").best_val == 0
+    official = args("--backbone", "promptkd", "--method", "dpc", "--recipe", "official")
+    assert (official.dpc_vision_deep, official.dpc_text_deep, official.dpc_ranker_ctx) == ("random", "trained", "init")
+    cocoop = train.parse_args(["--backbone", "cocoop", "--method", "dept", "--device", "cpu"])
+    assert (cocoop.epochs, cocoop.batch_size, cocoop.lr) == (10, 1, 0.002)  # vit_b16_c4_ep10_batch1_ctxv1
+    with pytest.raises(ValueError, match="only --backbone promptkd"):
+        train.parse_args(["--backbone", "coop", "--method", "dpc", "--dpc_text_deep", "trained"])
+
+
+def test_dpc_on_promptkd_as_released_end_to_end(tmp_path, demo_root, tiny_clip_path, monkeypatch):
+    flags = ["--epochs", "1", "--depth", "2"]
+    _, teacher = run_train(tmp_path / "t", demo_root, tiny_clip_path, "--backbone", "promptsrc", "--method", "none",
+                           *flags)
+    real, seen = train.HardNegativeBatchSampler, {}
+    monkeypatch.setattr(train, "HardNegativeBatchSampler", lambda *a, **k: seen.update(k) or real(*a, **k))
+    res, out = run_train(tmp_path / "s", demo_root, tiny_clip_path, "--backbone", "promptkd", "--teacher", teacher,
+                         "--method", "dpc", "--recipe", "official", "--dpc_epochs", "1", *flags)
+    assert seen["fallback_high"] == 6 - 1 and seen["released"]  # sple_promptkd.py draws randint(1, C - 1)
+    ck = {f: torch.load(os.path.join(out, f), weights_only=False)["learned"] for f in ("base_prompt.pt", "new_prompt.pt")}
+    taught = torch.load(os.path.join(teacher, "prompt.pt"), weights_only=False)["learned"]
+    assert torch.equal(ck["new_prompt.pt"]["text_prompts.0"], taught["text_prompts.0"])  # new classes: stage 1
+    assert not torch.equal(ck["base_prompt.pt"]["text_prompts.0"], taught["text_prompts.0"])  # trained from fresh
+    again = evaluation.evaluate_checkpoints(out)  # the prompt files reload, text prompts and all
+    assert (again["base"], again["new"]) == (res["base"], res["new"])
