@@ -830,8 +830,8 @@ def run_dpc(args, learner, data, loaders, meter, log):
     kd = args.backbone == "promptkd"  # the released PromptKD+DPC (sple_promptkd.py) differs in three places
     if kd and args.dpc_text_deep == "trained":
         learner.own_text_prompts()  # its L_CL text encoder is a fresh one whose deep prompts train
-    restart = [n for n in learner.learned_tensors() if n.startswith("text_prompts.") or (
-        kd and args.dpc_vision_deep == "random" and n.startswith("vis_prompts."))]
+    restart = [n for n in learner.learned_tensors() if kd and (n.startswith("text_prompts.") or (
+        args.dpc_vision_deep == "random" and n.startswith("vis_prompts.")))]
     dual = DualPrompt(learner, args.omega_b, args.dpc_param, restart)  # P' = P at the start; P frozen inside
     views = torch.utils.data.DataLoader(ImageList(data.image_dir, data.base["train"], loaders.train_tf,
                                                   data.decoded["base"]),
