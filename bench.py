@@ -33,13 +33,13 @@ import torch
 from clip.model import CLIP, convert_weights
 
 from clip_prompt import ZeroShotCLIP, build_learner, class_logits, class_texts, load_clip
-from data import write_json
+from config import DATASET_PRESETS, DEFAULTS, PRESETS
 from dept import DePT, dept_loss
 from dpc import DualPrompt, stage2_loss
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
 from report import md_table
-from train import DATASET_PRESETS, DEFAULTS, PRESETS
+from rundir import write_json
 
 SHAPES = {  # openai/CLIP's ViT-B/16 (as clip.load builds it), and a tiny one for smoke runs
     "vit-b16-shaped": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from rundir import write_json, write_whole
+
 # -----------------------------------------------------------------------------
 # The datasets: folder, image folder, split, zero-shot template (CoOp's CUSTOM_TEMPLATES), and the
 # training crop's scale range where it is not CoOp's RandomResizedCrop(scale=(0.08, 1))
@@ -204,22 +206,6 @@ def _read_imagenet(ddir, image_dir, root):
     return {"train": out["train"], "val": out["val"], "test": out["val"]}
 
 
-def write_whole(path, dump):
-    """dump(tmp) writes a temporary file, renamed over path once complete and removed if writing fails:
-    a crash or a full disk never leaves a truncated file under path."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        dump(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj, path):
-    write_whole(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
-
-
 def _atomic_pickle(obj, path):
     """Write a cache file whole; a read-only dataset folder just skips caching."""
     try:
@@ -323,16 +309,6 @@ def build_transforms(resolution, crop=(0.08, 1.0)):
 
 class ImageReadError(ValueError):
     """An image file that cannot be decoded; the message names its path and the fix."""
-
-
-def error_line(e):
-    """The one line to show for an error. One raised in a DataLoader worker arrives wrapped in the
-    worker's traceback text; its last line is the original message."""
-    msg = str(e)
-    if "Original Traceback" in msg:
-        last = msg.strip().splitlines()[-1]
-        msg = last.split(": ", 1)[1] if ": " in last else last
-    return msg
 
 
 def read_image(path, decode=True):

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from clip_prompt import build_learner, class_logits, class_texts, load_clip
 from dept import DePT
-from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, error_line,
-                  fewshot_splits, read_image, read_splits, subsample_classes, write_json)
+from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, fewshot_splits, read_image,
+                  read_splits, subsample_classes)
 from report import harmonic_mean, plot, summarize
+from rundir import error_line, write_json
 
 
 @torch.no_grad()
@@ -42,6 +43,55 @@ def accuracy(learner, loader, device, desc="eval"):
 def test_loader(image_dir, items, transform, batch_size=100, workers=0, decoded=None):
     return torch.utils.data.DataLoader(ImageList(image_dir, items, transform, decoded),
                                        batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+# -----------------------------------------------------------------------------
+# A run's own evaluation: base classes with the prompt for base classes, new ones with the prompt for new ones
+
+def evaluate_run(args, learner, data, loaders, states):
+    """Base and new (or all-class) test accuracy and HM, and the closing line."""
+    device = torch.device(args.device)
+
+    def acc(names, state, items, desc, alone=False):  # alone: DePT's learner without its head
+        model = learner.learner if alone else learner
+        model.set_classnames(names)
+        model.load_learned(state)
+        return accuracy(model, loaders.test(items), device, desc)
+
+    res = {"dataset": args.dataset, "backbone": args.backbone, "method": args.method, "seed": args.seed,
+           "shots": args.shots, "protocol": "b2n" if args.subsample == "base" else "all",
+           "stage": args.stage if args.method == "mao" else None, "recipe": args.recipe, "variant": args.variant}
+    base_test, new_test = data.base["test"], data.new["test"]
+    if args.subsample == "all":  # Table 2's source; targets: eval.py
+        res["all"] = acc(data.base_names, states["base"], base_test, "test all")
+        if "stage1" in states:
+            res["all_stage1"] = acc(data.base_names, states["stage1"], base_test, "test all (P)")
+        res["line"] = f"all classes {res['all']:.2f}"
+        return res
+    res["base"] = acc(data.base_names, states["base"], base_test, "test base")
+    if args.method == "dpc":
+        res["new"] = acc(data.new_names, states["new"], new_test, "test new (omega_n mix)")
+        res["base_stage1"] = acc(data.base_names, states["stage1"], base_test, "test base (P)")
+        res["new_stage1"] = res["new"] if args.omega_n == 0 else acc(data.new_names, states["stage1"],
+                                                                     new_test, "test new (P)")
+    elif args.method == "dept":  # new classes: the learner's cosine logits alone
+        res["new"] = acc(data.new_names, states["new"], new_test, "test new", alone=True)
+    else:
+        res["new_base_prompt"] = acc(data.new_names, states["base"], new_test, "test new (base prompt)")
+        if states.get("new") is not None:  # MAO's new step
+            res["new"] = acc(data.new_names, states["new"], new_test, "test new")
+        elif args.method == "mao":  # base step only: the paper's "base step only" row (Table 8 (c))
+            res["new"] = res["new_base_prompt"]
+        else:
+            res["new"] = res.pop("new_base_prompt")
+    res["hm"] = harmonic_mean(res["base"], res["new"])
+    line = f"base {res['base']:.2f} | new {res['new']:.2f} | HM {res['hm']:.2f}"
+    if "new_base_prompt" in res:
+        line += f" | new with base prompt {res['new_base_prompt']:.2f}"
+    if "base_stage1" in res:
+        line += f" | stage 1 (P): base {res['base_stage1']:.2f} new {res['new_stage1']:.2f}"
+    res["line"] = line
+    return res
 
 
 # -----------------------------------------------------------------------------

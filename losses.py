@@ -12,6 +12,8 @@ decides which classes are candidates and which labels are targets. A backbone's 
 losses (PromptSRC's self-regulation) come out of its forward and train.py adds them unchanged
 ("other possible loss functions in the prompt tuning backbones are maintained unchanged", MAO
 §3.2). DPC's L_CL lives in dpc.py."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,3 +46,10 @@ def dynamic_candidate_loss(logits, targets):
 def pseudo_label_loss(logits, pseudo_labels):
     """L_CE^new = -sum_{i=1..N} c_i log p(y = t^_n | I_n) over all new classes -- Eq. (8). (B, N)"""
     return F.cross_entropy(logits, pseudo_labels)  # Eq. (8)
+
+
+def gpa_weights(epochs, mean, std):
+    """PromptSRC's Gaussian prompt aggregation (§3.3): w_e proportional to N(e; mean, std^2) for
+    epochs e = 1..E, summing to 1; the prompts end as sum_e w_e * (prompts after epoch e)."""
+    w = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [x / sum(w) for x in w]

@@ -9,6 +9,7 @@ no second image forward."""
 import torch
 
 from clip_prompt import class_texts
+from data import hide_labels
 
 
 def assign_pseudo_labels(logits):
@@ -44,3 +45,30 @@ class PseudoLabeler:
         for images, _, idx in loader:
             labels[idx] = self(images.to(device)).cpu()
         return labels
+
+
+# -----------------------------------------------------------------------------
+# How good the labels were: a diagnostic from the hidden labels, never part of the loss
+
+def hidden_label_agreement(items):
+    """agreement(idx, pseudo): the share of a batch's pseudo-labels equal to the hidden labels."""
+    hidden = torch.tensor([y for _, y, _ in items])
+    return lambda idx, pseudo: (pseudo.cpu() == hidden[idx]).float().mean().item()
+
+
+def pseudo_label_quality(args, labeler, data, loaders, stats, fixed, log):
+    """How often the new step's pseudo-labels equal the hidden labels: those it trained on, and those
+    of the un-augmented views."""
+    device = torch.device(args.device)
+    hidden = torch.tensor([y for _, y, _ in data.new["train"]])
+    once = fixed.cpu() if fixed is not None else labeler.label_dataset(
+        loaders.test(hide_labels(data.new["train"]), data.decoded["new"]), device)
+    steps = stats["steps"]
+    q = {"once_unaugmented": 100 * (once == hidden).float().mean().item(),
+         "used_in_training": 100 * stats["sums"]["pl_acc"] / steps if steps else None,
+         "mode": args.pseudo_label_every}
+    trained = "-" if q["used_in_training"] is None else f"{q['used_in_training']:.1f} %"
+    log(f"pseudo-labels agree with the hidden labels: {trained} of those trained on "
+        f"({'online, augmented views' if fixed is None else 'once, un-augmented views'}), "
+        f"{q['once_unaugmented']:.1f} % on un-augmented views")
+    return q

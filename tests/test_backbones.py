@@ -12,7 +12,7 @@ from clip.model import CLIP
 
 from clip_prompt import IVLP, CoOp, MaPLe, PromptSRC, build_learner, encode_image, self_regulating_losses
 from conftest import build_tiny_clip, run_train
-from train import gpa_weights
+from losses import gpa_weights
 
 NAMES = ["red circle", "red square", "blue circle", "green triangle"]
 

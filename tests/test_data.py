@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (DATASETS, ImageList, ImageReadError, build_transforms, error_line, fewshot_splits,
-                  read_splits, subsample_classes)
+from data import DATASETS, ImageList, ImageReadError, build_transforms, fewshot_splits, read_splits, subsample_classes
+from rundir import error_line
 
 # dataset -> (split file, #classes, base, new, train, val, test, base test, new test, first class names)
 REAL = {

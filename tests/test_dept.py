@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import eval as evaluation
 import train
 from conftest import run_train
@@ -121,7 +122,7 @@ def test_dept_is_exact_to_the_released_trainers(tiny_clip, name):
 
 def test_the_staged_learning_rate_is_one_sgd_step_at_lr_and_at_6_5_lr(tiny_clip):
     dept = DePT(perturbed(learner("coop", tiny_clip))).train()
-    args = train.parse_args(["--backbone", "coop", "--method", "dept", "--device", "cpu"])
+    args = config.parse_args(["--backbone", "coop", "--method", "dept", "--device", "cpu"])
     opt = train.make_optimizer(dept, args.lr, args)
     lr, s = 0.0035, 6.5  # the released optim.py: lr *= s, base_lr_mult /= s, the new layers at lr
     assert [g["lr"] for g in opt.param_groups] == [lr * s * (1.0 / s), lr * s]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
+import config
 import eval as evaluation
 import train
 from clip_prompt import PromptKD, build_learner, phrase_context
@@ -225,7 +226,7 @@ def test_best_val_keeps_the_best_epoch_and_a_tie_keeps_the_earlier(tmp_path, tin
     learner = build_learner("coop", tiny_clip, NAMES[:3])
     data = [(torch.randn(3, 32, 32), torch.tensor(i % 3), torch.tensor(i)) for i in range(6)]
     loader = torch.utils.data.DataLoader(data, batch_size=3)
-    args = train.parse_args(["--dataset", "demo", "--device", "cpu", "--out", str(tmp_path), "--warmup_epochs", "0"])
+    args = config.parse_args(["--dataset", "demo", "--device", "cpu", "--out", str(tmp_path), "--warmup_epochs", "0"])
     scores, states, cost = iter([50.0, 70.0, 60.0, 70.0]), [], {}
 
     def select():  # a val score after each epoch, and the state it scored
@@ -238,17 +239,17 @@ def test_best_val_keeps_the_best_epoch_and_a_tie_keeps_the_earlier(tmp_path, tin
 
 
 def test_released_recipes_of_promptkd_and_dept_on_cocoop():
-    args = lambda *a: train.parse_args(["--device", "cpu", "--teacher", "T", *a])
+    args = lambda *a: config.parse_args(["--device", "cpu", "--teacher", "T", *a])
     assert args("--backbone", "promptkd", "--dataset", "dtd", "--method", "none").kd_weight == 200.0  # as released
     assert args("--backbone", "promptkd", "--dataset", "eurosat", "--method", "none").kd_weight == 1000.0
     kd = args("--backbone", "promptkd", "--dataset", "dtd", "--method", "dpc")
     assert kd.best_val == 1 and args("--backbone", "promptkd", "--dataset", "imagenet", "--method", "none").best_val == 0
     official = args("--backbone", "promptkd", "--method", "dpc", "--recipe", "official")
     assert (official.dpc_vision_deep, official.dpc_text_deep, official.dpc_ranker_ctx) == ("random", "trained", "init")
-    cocoop = train.parse_args(["--backbone", "cocoop", "--method", "dept", "--device", "cpu"])
+    cocoop = config.parse_args(["--backbone", "cocoop", "--method", "dept", "--device", "cpu"])
     assert (cocoop.epochs, cocoop.batch_size, cocoop.lr) == (10, 1, 0.002)  # vit_b16_c4_ep10_batch1_ctxv1
     with pytest.raises(ValueError, match="only --backbone promptkd"):
-        train.parse_args(["--backbone", "coop", "--method", "dpc", "--dpc_text_deep", "trained"])
+        config.parse_args(["--backbone", "coop", "--method", "dpc", "--dpc_text_deep", "trained"])
 
 
 def test_dpc_on_promptkd_as_released_end_to_end(tmp_path, demo_root, tiny_clip_path, monkeypatch):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import rundir
 import train
 from conftest import run_train
 
@@ -35,7 +36,7 @@ def test_resume_after_the_new_step_and_on_a_finished_run(tmp_path, demo_root, ti
     monkeypatch.setattr(train, "evaluate_run", killed)
     with pytest.raises(KeyboardInterrupt) as e:
         run_train(tmp_path, demo_root, tiny_clip_path, "--epochs", "2")
-    assert "--resume" in train.failure_line(e.value, ["--epochs", "2"])  # Ctrl-C says how to go on
+    assert "--resume" in rundir.failure_line(e.value, ["--epochs", "2"])  # Ctrl-C says how to go on
     monkeypatch.undo()
     res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--epochs", "2", "--resume")
     same_as(reference, res, out)
@@ -107,7 +108,7 @@ def test_a_failed_write_ends_in_one_line_and_resume_finishes(tmp_path, demo_root
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError) as e:
         run_train(tmp_path, demo_root, tiny_clip_path, "--epochs", "2")
-    line = train.failure_line(e.value, ["--epochs", "2"])
+    line = rundir.failure_line(e.value, ["--epochs", "2"])
     assert "new_last.pt: writing failed (basic_ios::clear" in line and line.endswith("last complete checkpoint")
     assert "\n" not in line
     monkeypatch.undo()

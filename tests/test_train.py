@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import config
 import eval as evaluation
 import train
 from conftest import run_train
@@ -185,24 +186,24 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path, demo_roo
 
 def test_recipe_official_sets_every_released_behaviour():
     base = ["--dataset", "demo", "--device", "cpu"]
-    paper = train.parse_args(base)
-    mao = train.parse_args(base + ["--recipe", "official"])
+    paper = config.parse_args(base)
+    mao = config.parse_args(base + ["--recipe", "official"])
     assert (paper.ar_dedup, paper.distinct_anchors, paper.pseudo_labeler, paper.released_batches) == (1, 1, "clip", 0)
     assert (mao.ar_dedup, mao.distinct_anchors, mao.pseudo_labeler, mao.released_batches) == (0, 0, "tuned", 1)
     assert paper.variant == {} and mao.variant == {"recipe": "official"}
     assert paper.minilm_bank == mao.minilm_bank == "raw"  # the paper is silent: the released table is the default
-    dpc = train.parse_args(base + ["--method", "dpc", "--recipe", "official"])
+    dpc = config.parse_args(base + ["--method", "dpc", "--recipe", "official"])
     assert (dpc.dpc_param, dpc.dpc_base_infer, dpc.dpc_backbone_losses, dpc.distinct_anchors, dpc.released_batches) \
         == ("released", "parallel", 0, 0, 1)
     assert dpc.weight_decay == 5e-4  # stage 2's released update is the aliasing, not a global weight decay change
-    mixed = train.parse_args(base + ["--recipe", "official", "--ar_dedup", "1"])  # an ablation of one behaviour
+    mixed = config.parse_args(base + ["--recipe", "official", "--ar_dedup", "1"])  # an ablation of one behaviour
     assert mixed.ar_dedup == 1 and mixed.pseudo_labeler == "tuned" and mixed.variant == {"recipe": "official",
                                                                                          "ar_dedup": 1}
-    assert train.parse_args(base + ["--ar_dedup", "0"]).distinct_anchors == 0  # as before: repeats allowed with it
-    assert train.parse_args(base + ["--ar_dedup", "1"]).variant == {}  # the paper's value, given explicitly
-    assert train.parse_args(base + ["--method", "none", "--recipe", "official"]).variant == {}  # nothing to switch
-    xd = train.parse_args(["--dataset", "imagenet", "--subsample", "all", "--recipe", "official", "--device", "cpu"])
-    assert xd.lr == 0.005 and train.parse_args(["--dataset", "imagenet", "--subsample", "all"]).lr == 0.0035
+    assert config.parse_args(base + ["--ar_dedup", "0"]).distinct_anchors == 0  # as before: repeats allowed with it
+    assert config.parse_args(base + ["--ar_dedup", "1"]).variant == {}  # the paper's value, given explicitly
+    assert config.parse_args(base + ["--method", "none", "--recipe", "official"]).variant == {}  # nothing to switch
+    xd = config.parse_args(["--dataset", "imagenet", "--subsample", "all", "--recipe", "official", "--device", "cpu"])
+    assert xd.lr == 0.005 and config.parse_args(["--dataset", "imagenet", "--subsample", "all"]).lr == 0.0035
 
 
 def test_official_recipe_runs_and_is_summarized_apart(tmp_path, demo_root, tiny_clip_path):

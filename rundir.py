@@ -1,0 +1,193 @@
+"""The run folder: what a run leaves on disk, and how it is kept safe.
+
+One folder holds one run (OutputLock): a second run into it is refused, two processes never write it at once,
+and --resume continues it only with the settings it was trained with (settings()). Every file is written whole
+(write_whole: a crash or a full disk never leaves a truncated checkpoint or results.json). log.txt holds every
+line printed; a failure ends in one line naming the file and the fix (failure_line). This file imports nothing
+from the project: every other file may use it."""
+import errno
+import fcntl
+import glob
+import json
+import os
+import pathlib
+import resource
+import time
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Files written whole
+
+def write_whole(path, dump):
+    """dump(tmp) writes a temporary file, renamed over path once complete and removed if writing fails:
+    a crash or a full disk never leaves a truncated file under path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        dump(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    write_whole(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def save_atomic(obj, path):
+    """torch.save, whole or not at all; a failure as an OSError that names path."""
+    try:
+        write_whole(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as RuntimeError from torch's writer
+        raise OSError(getattr(e, "errno", None) or errno.EIO, f"writing failed ({str(e).splitlines()[0]})",
+                      path) from None
+
+
+# -----------------------------------------------------------------------------
+# One run per folder, and what a resume must match
+
+# Flags a resumed run may change: where things are and how fast they run, never what is learned
+SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "resume", "log_every",
+          "cache_images", "stage", "variant"}
+
+
+def settings(args):
+    """What shapes training: a resumed run must have the same."""
+    return {k: v for k, v in vars(args).items() if k not in SYSTEM}
+
+
+class OutputLock:
+    """Holds --out for one run: a lock the kernel drops with its process (a killed run never blocks
+    --resume), and no second run into a folder that holds one: one folder, one run, never two mixed."""
+
+    def __init__(self, args):
+        self.args, self.file = args, None
+
+    def __enter__(self):
+        return self.claim()
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()  # also when the run fails: an in-process caller may go on
+
+    def claim(self):
+        args = self.args
+        if self.file is not None or not os.path.isdir(args.out):
+            return self
+        self.file = open(os.path.join(args.out, ".lock"), "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid, self.file = self.file.read().strip(), self.file.close()
+            raise ValueError(f"--out {args.out} is in use by a running train.py (pid {pid}): wait for it "
+                             f"to end, or choose another --out") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        self.check_folder()
+        return self
+
+    def check_folder(self):
+        args = self.args
+        ckpts = sorted(glob.glob(os.path.join(args.out, "*_last.pt")))
+        finished = os.path.isfile(os.path.join(args.out, "results.json"))
+        if args.resume:
+            for path in ckpts:
+                old, new = torch.load(path, map_location="cpu", weights_only=False).get("settings", {}), settings(args)
+                differ = [f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(set(old) | set(new))
+                          if old.get(k) != new.get(k)]
+                if differ:
+                    raise ValueError(f"--resume: {path} was trained with other settings: {', '.join(differ)}. "
+                                     f"Resume with its flags (args.json there), or train into another --out")
+            if finished:
+                print(f"{args.out} holds a finished run: its stages are complete, so only evaluation runs again")
+        elif args.stage == "new" and all("base_last" in p for p in ckpts):
+            pass  # --stage new continues a --stage base run in the same folder
+        elif finished or ckpts or os.path.isfile(os.path.join(args.out, "args.json")):
+            what = "a finished run (results.json)" if finished else "a partial run"
+            raise ValueError(f"--out {args.out} holds {what}: add --resume to "
+                             f"{'re-evaluate' if finished else 'continue'} it, or choose another --out")
+
+
+# -----------------------------------------------------------------------------
+# The log, the results, the one-line failure
+
+def start_output(args, lock, notes):
+    """The output folder, log.txt and args.json: written only once every check has passed; notes: the
+    lines that describe the run, logged after its arguments."""
+    os.makedirs(args.out, exist_ok=True)
+    lock.claim()
+    for tmp in glob.glob(os.path.join(args.out, "*.tmp*")):  # what an interrupted write left behind
+        os.remove(tmp)
+    log = make_log(os.path.join(args.out, "log.txt"))
+    log(" ".join(f"{k}={v}" for k, v in vars(args).items()))
+    write_json(vars(args), os.path.join(args.out, "args.json"))
+    for line in notes:
+        log(line)
+    return log
+
+
+def make_log(path):
+    """log(msg): printed above the progress bar and appended to path (log.txt)."""
+    def log(msg):
+        tqdm.write(msg)
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+    return log
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (KB on Linux)
+
+
+def finish(args, res, log):
+    """Print the line, then write results.json whole (its presence marks the run finished)."""
+    line, path = res.pop("line"), os.path.join(args.out, "results.json")
+    log(line)  # printed first: a full disk below still leaves the accuracies on the screen
+    write_json(res, path)
+    log(f"wrote {path}")
+    return res
+
+
+class Meter:
+    """What each phase of a run costs: frozen-CLIP encodings (EncodeCounter), seconds, and the
+    seconds its training loop waited for the data loader: results.json's "cost"."""
+
+    def __init__(self, counter):
+        self.counter, self.cost, self.resumed = counter, {}, 0.0
+
+    @contextmanager
+    def phase(self, name):
+        before, t0, extra = dict(self.counter.counts), time.time(), {}
+        yield extra  # the phase may add its own figures (the loader's share)
+        counts = {k: v - before[k] for k, v in self.counter.counts.items()}
+        resumed = extra.pop("resumed_seconds", 0.0)  # spent by the process a --resume continues
+        self.resumed += resumed
+        self.cost[name] = dict(counts, seconds=time.time() - t0 + resumed, **extra)
+
+
+def error_line(e):
+    """The one line to show for an error. One raised in a DataLoader worker arrives wrapped in the
+    worker's traceback text; its last line is the original message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
+def failure_line(e, argv):
+    """The one line a failure ends in: what happened, to which file, and how to go on."""
+    again = f"python train.py {' '.join(a for a in argv if a != '--resume')} --resume"
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted; continue with: {again}"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return (f"error: {e.filename}: {e.strerror}. Free space or make it writable (else start again with "
+                f"another --out); then {again} continues from the last complete checkpoint")
+    return f"error: {error_line(e)}"
