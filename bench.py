@@ -23,14 +23,17 @@ Figures go to bench.json and bench.md. A whole run measures its own cost (result
 seconds and the seconds spent waiting for data, per phase); docs/cost.md keeps earlier measurements.
 """
 import argparse
+import collections
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
 
 import torch
 from clip.model import CLIP, convert_weights
+from PIL import Image
 
 from clip_prompt import ZeroShotCLIP, build_learner, class_logits, class_texts, load_clip
 from config import DATASET_PRESETS, DEFAULTS, PRESETS
@@ -38,7 +41,8 @@ from dept import DePT, dept_loss
 from dpc import DualPrompt, stage2_loss
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, pseudo_label_loss
 from pseudolabel import PseudoLabeler
-from report import md_table
+from data import BASE_TO_NEW, fewshot_splits, read_json, read_splits, scan
+from report import NAMES, md_table
 from rundir import write_json
 
 SHAPES = {  # openai/CLIP's ViT-B/16 (as clip.load builds it), and a tiny one for smoke runs
@@ -204,8 +208,10 @@ def step_lines(backbone, model, a, device):
 
 
 def bench_backbone(backbone, model, a, device, log):
-    """Every line for one learner, timed interleaved; returns its measurements."""
+    """The chosen lines (--lines) for one learner, timed interleaved; returns its measurements."""
     lines, params, live = step_lines(backbone, model, a, device)
+    need = {"mao_new_once": "label", "dpc": "rank"}  # the parts their times add
+    lines = {k: fn for k, fn in lines.items() if k in a.lines or k in {need.get(x) for x in a.lines}}
     times = {k: [] for k in lines}
     for r in range(a.repeats + 1):  # run 0 is the warm-up
         for k, fn in lines.items():
@@ -214,16 +220,20 @@ def bench_backbone(backbone, model, a, device, log):
                 times[k].append(t)
         log(f"  {backbone}: run {r}/{a.repeats}" + (" (warm-up)" if r == 0 else ""))
     # a run labels each unlabeled image once: one teacher pass per image over the new step's epochs
-    times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
-    times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
-    res = dict(backbone=backbone, learnable_params=params["plain"], images_per_step=a.anchors * a.topk, lines={})
+    if "label" in times:
+        times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
+    if "rank" in times:
+        times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
+    res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"],
+               images_per_step=a.anchors * a.topk, lines={})
     plain_peak = peak_bytes(lines["plain"], device)
-    for k in LINES:
+    for k in [k for k in LINES if k in lines]:
         peak = plain_peak if k == "plain" else peak_bytes(lines[k], device)
         ratio = stats([t / p for t, p in zip(times[k], times["plain"])])
         res["lines"][k] = dict(params=params[k], step_s=stats(times[k]), ratio_time=ratio,
                                peak_mb=(live + peak) / 2**20, ratio_memory=(live + peak) / (live + plain_peak))
-    res["infer_images_per_s"] = stats([a.anchors * a.topk / t for t in times["infer"]])
+    if "infer" in times:
+        res["infer_images_per_s"] = stats([a.anchors * a.topk / t for t in times["infer"]])
     return res
 
 
@@ -234,19 +244,68 @@ def fmt(s, digits=3):
 def markdown(res):
     h, rows = res["header"], []
     for r in res["backbones"]:
-        for k, name in LINES.items():
-            L = r["lines"][k]
-            rows.append([r["backbone"], name, f"{L['params']:,}", f"{L['peak_mb']:.1f}",
+        for k, L in r["lines"].items():
+            infer = f"{r['infer_images_per_s']['median']:.1f}" if "infer_images_per_s" in r else "-"
+            rows.append([r["backbone"], r["classes"], LINES[k], f"{L['params']:,}", f"{L['peak_mb']:.1f}",
                          f"{L['ratio_memory']:.3f}x", fmt(L["step_s"]), fmt(L["ratio_time"]) + "x",
-                         f"{r['infer_images_per_s']['median']:.1f}" if k == "plain" else "same network"])
+                         infer if k == "plain" else "same network"])
     head = (f"Device {h['device']} ({h['cpu']}), torch {h['torch']}, {h['threads']} threads, CLIP {h['clip']} "
-            f"({h['dtype']}); {h['dataset']} shapes: C_b = {h['base_classes']}, C_n = {h['new_classes']}, "
+            f"({h['dtype']}); {h['dataset']} shapes: C_b = C_n = {h['classes']} classes, "
             f"b = {h['anchors']}, K = {h['topk']}, {h['images_per_step']} images per step; labels once "
             f"amortised over {h['new_epochs']} epochs; {h['repeats']} runs after a warm-up. Memory: "
             f"{h['memory_note']}.")
-    table = md_table(["learner", "step", "learnable params", "peak memory MB", "memory x plain",
+    table = md_table(["learner", "C_b", "step", "learnable params", "peak memory MB", "memory x plain",
                       "time per step s, median (min-max)", "time x plain", "inference images/s"], rows)
     return "\n\n".join([head, table, PAPER_TABLE3])
+
+
+def what_fits(paths):
+    """Peak tensor memory of each step per benchmark dataset (its base classes), derived from measurements:
+    a least-squares line a + b C through the fp32 runs of each learner and step, times the fp16 / fp32 ratio a
+    run in fp16 measured for that step (at its smallest class count)."""
+    runs = [(j["header"]["dtype"], r) for j in map(read_json, paths) for r in j["backbones"]]
+    fp16 = {(r["backbone"], k): L["peak_mb"] for d, r in runs if d == "float16" for k, L in r["lines"].items()}
+    ref = {(r["backbone"], k, r["classes"]): L["peak_mb"] for d, r in runs if d == "float32" for k, L in r["lines"].items()}
+    rows = []
+    for b, k in dict.fromkeys((b, k) for b, k, _ in ref):
+        pts = [(c, m) for (b2, k2, c), m in ref.items() if (b2, k2) == (b, k)]
+        cs, ms = [c for c, _ in pts], [m for _, m in pts]
+        slope = statistics.linear_regression(cs, ms).slope if len(set(cs)) > 1 else 0.0
+        at = lambda c: statistics.mean(ms) + slope * (c - statistics.mean(cs))  # MB at c base classes
+        low = min(cs)
+        ratio = fp16[b, k] / ref[b, k, low] if (b, k) in fp16 else None
+        rows.append([b, LINES[k]] + [f"{at(c) / 1024:.1f} / " + (f"{at(c) * ratio / 1024:.1f}" if ratio else "-")
+                                     for c in [(CLASSES[d] + 1) // 2 for d in BASE_TO_NEW]])
+    head = [f"{NAMES[d]} ({(CLASSES[d] + 1) // 2})" for d in BASE_TO_NEW]
+    return md_table(["learner", "step"] + head, rows)
+
+
+def make_folder(root, classes, images, size=64):
+    """A folder dataset (--dataset folder) of `images` JPEGs in `classes` class folders, each a noisy colour of
+    its class: the shape of a large benchmark, for start-up and memory at scale (docs/cost.md)."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class_{c:04d}"), exist_ok=True)
+        colour = torch.rand(3, 1, 1, generator=g) * 255
+        for i in range(c, images, classes):
+            pixels = (colour + 40 * torch.randn(3, size, size, generator=g)).clamp(0, 255).byte().permute(1, 2, 0)
+            Image.fromarray(pixels.numpy()).save(os.path.join(root, f"class_{c:04d}", f"{i:07d}.jpg"), quality=90)
+
+
+def startup(root, threads):
+    """Seconds of a run's start-up on a folder dataset (listing and splitting, few-shot sampling, checking every
+    training image's header) and the process's peak RSS, as train.py does them before anything is written."""
+    t = [time.perf_counter()]
+    splits = read_splits("folder", root)[0]  # the first call lists the folders and writes split_folder.json
+    t.append(time.perf_counter())
+    shots = min(16, min(collections.Counter(y for _, y, _ in splits["train"]).values()))
+    fewshot_splits("folder", root, shots, 1)
+    t.append(time.perf_counter())
+    scan(root, splits["train"], threads, desc="checking headers")
+    t.append(time.perf_counter())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(images=sum(map(len, splits.values())), shots=shots, listing_s=t[1] - t[0], fewshot_s=t[2] - t[1],
+                headers_s=t[3] - t[2], train_images=len(splits["train"]), peak_rss_mb=rss)
 
 
 def load_model(a, device):
@@ -261,8 +320,8 @@ def load_model(a, device):
             print(f"ViT-B/16 weights not loadable ({e}); using the ViT-B/16-shaped random CLIP")
     name = "vit-b16-shaped" if a.clip == "auto" else a.clip
     model = CLIP(context_length=77, vocab_size=49408, **SHAPES[name]).eval().requires_grad_(False).to(device)
-    if device.type == "cuda":
-        convert_weights(model)  # the paper's fp16 CLIP (LayerNorms stay fp32)
+    if device.type == "cuda" or a.precision == "fp16":
+        convert_weights(model)  # the paper's fp16 CLIP (LayerNorms stay fp32); on a CPU, slow but measurable
     return model, name
 
 
@@ -274,16 +333,33 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the tiny CLIP and 2 repeats: a smoke run")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per line after one warm-up")
     ap.add_argument("--new_epochs", type=int, default=10, help="epochs labels once per run are spread over")
+    ap.add_argument("--classes", help="base (and new) class counts to measure, e.g. 51,200,500,1000 (the dataset's)")
+    ap.add_argument("--lines", default=",".join(LINES) + ",infer", help="the steps to time (default: all)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp16"], help="fp16: CLIP's layout on a CPU too")
+    ap.add_argument("--fits", metavar="JSON,...", help="derive the 'what fits' table from saved fp32 / fp16 runs")
+    ap.add_argument("--startup", metavar="DIR", help="time a run's start-up on the folder dataset DIR (made if absent)")
+    ap.add_argument("--images", type=int, default=20_000, help="--startup: images of the dataset it makes (100 classes)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench.json", help="results; the markdown goes beside it (.md)")
     a = ap.parse_args(argv)
+    if a.fits:
+        print(what_fits(a.fits.split(",")))
+        return None
+    if a.startup:
+        if not os.path.isdir(a.startup):
+            make_folder(a.startup, 100, a.images)
+        res = startup(a.startup, os.cpu_count() or 1)
+        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+        return res
     backbones = LEARNERS if a.backbone == "all" else a.backbone.split(",")
     if set(backbones) - set(LEARNERS) or a.dataset not in CLASSES:
         ap.error(f"choose --backbone from {', '.join(LEARNERS)} or all, --dataset from {', '.join(CLASSES)}")
-    n = CLASSES[a.dataset]
-    a.base_classes, a.new_classes = (n + 1) // 2, n // 2
+    n, a.lines = CLASSES[a.dataset], ["plain"] + a.lines.split(",")
+    counts = [int(c) for c in a.classes.split(",")] if a.classes else [(n + 1) // 2]
     preset = dict(DEFAULTS, **DATASET_PRESETS.get(a.dataset, {}))
     a.anchors, a.topk = preset["anchors"], preset["topk"]
+    if min(counts) < a.anchors * a.topk:
+        ap.error(f"--classes {a.classes}: a step's {a.anchors * a.topk} images have distinct classes; give >= that")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if a.quick:
         a.clip, a.repeats = "tiny", min(a.repeats, 2)
@@ -292,12 +368,16 @@ def main(argv=None):
                   cpu=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   (platform.processor() or platform.machine()),
                   dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dataset=a.dataset,
-                  base_classes=a.base_classes, new_classes=a.new_classes, anchors=a.anchors, topk=a.topk,
+                  classes=",".join(map(str, counts)), anchors=a.anchors, topk=a.topk,
                   images_per_step=a.anchors * a.topk, repeats=a.repeats, new_epochs=a.new_epochs,
                   memory_note="torch.cuda.max_memory_allocated" if device.type == "cuda" else
                   "live tensor bytes + the step's peak from torch profiler allocation events (not RSS)")
     print(" ".join(f"{k}={v}" for k, v in header.items()))
-    res = dict(header=header, backbones=[bench_backbone(b, model, a, device, print) for b in backbones])
+    res = dict(header=header, backbones=[])
+    for b in backbones:
+        for a.base_classes in counts:  # C_n = C_b: the new step's classes grow alike
+            a.new_classes = a.base_classes
+            res["backbones"].append(bench_backbone(b, model, a, device, print))
     table = markdown(res)
     print("\n" + table)
     write_json(res, a.out)

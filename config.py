@@ -68,7 +68,8 @@ RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned"
 # Flags that do not change what is learned; any other one away from its paper value makes a "variant"
 # (results.json), tabulated apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "teacher", "device",
-                "precision", "workers", "test_batch_size", "out", "resume", "log_every", "cache_images"}
+                "precision", "workers", "test_batch_size", "out", "resume", "log_every", "cache_gb",
+                "download"}
 
 # -----------------------------------------------------------------------------
 # Flags: one flat block, grouped as in the paper; the long form of each is in docs/flags.md
@@ -77,6 +78,7 @@ PARSER = ap = argparse.ArgumentParser(description="Prompt tuning alone, with MAO
 # -- data --
 ap.add_argument("--dataset", default="dtd", help=f"one of {', '.join(DATASETS)}")
 ap.add_argument("--root", default="data", help="folder of the datasets in the CoOp layout")
+ap.add_argument("--download", action="store_true", help="fetch and lay out the dataset first (prepare.py)")
 ap.add_argument("--shots", type=int, default=16, help="labelled images per base class (16)")
 ap.add_argument("--seed", type=int, default=1, help="seed of the few-shot split and training (1, 2, 3)")
 ap.add_argument("--subsample", default="base", choices=["base", "all"], help="all: cross-dataset source run")
@@ -144,7 +146,9 @@ ap.add_argument("--best_val", type=int, choices=[0, 1], help="keep the epoch bes
 ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 ap.add_argument("--precision", default="auto", choices=["auto", "fp16", "fp32"], help="frozen CLIP's")
 ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-ap.add_argument("--cache_images", type=int, default=1, choices=[0, 1], help="decode training images once")
+RAM_GB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+ap.add_argument("--cache_gb", type=float, default=round(RAM_GB / 4, 1), help="GB of decoded training images kept "
+                "(default: a quarter of this machine's memory); the rest decode on every use; 0: all do")
 ap.add_argument("--test_batch_size", type=int, default=100)
 ap.add_argument("--out", help="output folder (runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
 ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")
@@ -160,7 +164,7 @@ def check_ranges(args):
     for k in positive:
         if not getattr(args, k) > 0:
             raise ValueError(f"--{k} {getattr(args, k)}: must be > 0")
-    for k in ("weight_decay", "warmup_epochs", "workers", "n_vis"):
+    for k in ("weight_decay", "warmup_epochs", "workers", "n_vis", "cache_gb"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
             raise ValueError(f"--{k} {getattr(args, k)}: must be >= 0")
     if not 0 <= args.momentum < 1:

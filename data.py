@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from tqdm import tqdm
 
 from rundir import write_json, write_whole
 
@@ -97,7 +98,7 @@ def write_folder_split(root, seed=1, train=0.5, val=0.2):
         raise ValueError(f"{root} holds {len(classes)} class folder(s): base-to-new needs at least 2 (one "
                          f"folder of images per class)")
     rng, splits = random.Random(seed), {"train": [], "val": [], "test": []}
-    for y, c in enumerate(classes):
+    for y, c in enumerate(tqdm(classes, desc="listing class folders", leave=False, disable=None)):
         images = _list_images(os.path.join(root, c))
         if len(images) < 3:
             raise ValueError(f"class folder {os.path.join(root, c)} holds {len(images)} images "
@@ -200,7 +201,8 @@ def _read_imagenet(ddir, image_dir, root):
     out = {}
     for s in ("train", "val"):
         # NOTE(deviation): CoOp lists files in os.listdir order (filesystem-dependent); we sort them
-        out[s] = [(f"{s}/{w}/{f}", y, names[w]) for y, w in enumerate(wnids)
+        out[s] = [(f"{s}/{w}/{f}", y, names[w]) for y, w in enumerate(tqdm(wnids, f"listing {s}", leave=False,
+                                                                              disable=None))
                   for f in _list_images(os.path.join(image_dir, s, w))]
     _atomic_pickle({"train": out["train"], "test": out["val"]}, cache)
     return {"train": out["train"], "val": out["val"], "test": out["val"]}
@@ -312,32 +314,54 @@ class ImageReadError(ValueError):
 
 
 def read_image(path, decode=True):
-    """An RGB image (decode=False: only its header checked); a broken file fails naming its path."""
+    """An RGB image (decode=False: its (width, height), from the header alone); a broken file fails naming
+    its path."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB") if decode else None
+            return im.convert("RGB") if decode else im.size
     except Exception as e:
         raise ImageReadError(f"cannot read image {path} ({type(e).__name__}: {e}). Re-download "
                              f"it or remove it from the split file.") from None
 
 
-def decode_all(image_dir, items, threads=1):
-    """Every image of items decoded once, in threads (Pillow releases the GIL while decoding), in
-    item order. A MAO base-step epoch draws each training image about K times (as an anchor and as a
-    negative), so decoding once per run removes the costliest part of loading; DataLoader workers
-    forked afterwards share the pixels."""
+def scan(image_dir, items, threads=1, decode=False, desc=None, keep=None):
+    """Every image of items opened in threads (Pillow releases the GIL while decoding), with a progress bar,
+    in item order: the (width, height) of each header, or (decode) the decoded images where keep[i] is
+    true (None elsewhere); decode with keep=False everywhere decodes each image and drops it, so a truncated
+    file fails now. A missing or broken file fails naming its path."""
+    def load(rel, kept):
+        image = read_image(os.path.join(image_dir, rel), decode)
+        return image if kept or not decode else None
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        return list(pool.map(read_image, [os.path.join(image_dir, rel) for rel, _, _ in items]))
+        jobs = pool.map(load, [rel for rel, _, _ in items], [True] * len(items) if keep is None else keep)
+        return list(tqdm(jobs, desc=desc, total=len(items), leave=False, disable=None))
 
 
-def check_images(image_dir, items):
-    """Every image's header (no decoding): a missing or broken file fails now, naming its path."""
-    for rel, _, _ in items:
-        read_image(os.path.join(image_dir, rel), decode=False)
+def load_images(image_dir, sets, test_items, budget_gb, threads=1):
+    """The run's images before it starts: every training image's header checked and every test image
+    decoded once (a broken or truncated file fails now, naming its path), then training images decoded
+    once and kept, in the order of sets, while they fit budget_gb (Pillow holds 4 bytes a pixel). A MAO
+    base-step epoch draws each image about K times, so decoding once removes the costliest part of loading;
+    the rest, and PromptKD's unlabeled set of every training image ("distil", each image once an epoch),
+    are decoded in the loader's workers on every use. Returns ({set: decoded images with None for those
+    streamed, or None}, the line that says so)."""
+    sizes = {k: scan(image_dir, v, threads, desc=f"checking {k} images") for k, v in sets.items()}
+    scan(image_dir, test_items, threads, decode=True, desc="decoding test images", keep=[False] * len(test_items))
+    used, decoded, budget = 0, {}, budget_gb * 2**30
+    for k, v in sets.items():
+        keep = []
+        for w, h in sizes[k]:
+            keep.append(k != "distil" and used + 4 * w * h <= budget)
+            used += 4 * w * h * keep[-1]
+        decoded[k] = scan(image_dir, v, threads, True, f"decoding {k} images", keep) if any(keep) else None
+    n, kept = sum(map(len, sets.values())), sum(x is not None for v in decoded.values() if v for x in v)
+    return decoded, (f"decoded {kept} of the {n} training images once ({used / 2**30:.2f} GB of --cache_gb "
+                     f"{budget_gb:g}); the other {n - kept} are decoded in the loader's workers on every use")
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Items decoded in DataLoader workers, or taken from `decoded` (decode_all); the transform (a
+    """Items decoded in DataLoader workers, or taken from `decoded` (load_images); the transform (a
     fresh random crop for training) runs on every use. Yields (image, label, index); label -1 when
     the item is unlabeled."""
 
@@ -349,7 +373,7 @@ class ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rel, label, _ = self.items[i]
-        if self.decoded is not None:
+        if self.decoded is not None and self.decoded[i] is not None:
             return self.transform(self.decoded[i]), label, i
         image = read_image(os.path.join(self.image_dir, rel))
         return self.transform(image), label, i

@@ -181,6 +181,8 @@ def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
 ARCH = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=4,
             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=4)
 DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "demo_clip.pt")
+DEMO_NOTE = ("Toy world (README, 'The embedded demo'): a small CLIP pretrained here on synthetic captioned "
+             "shapes, 36 colour-shape classes. Its numbers describe this task, not the paper's benchmarks.")
 
 
 def build(seed=0):

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def save_atomic(obj, path):
 
 # Flags a resumed run may change: where things are and how fast they run, never what is learned
 SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "resume", "log_every",
-          "cache_images", "stage", "variant"}
+          "cache_gb", "stage", "variant", "download"}
 
 
 def settings(args):
@@ -132,11 +133,19 @@ def start_output(args, lock, notes):
 
 
 def make_log(path):
-    """log(msg): printed above the progress bar and appended to path (log.txt)."""
+    """log(msg): printed above the progress bar and appended to path (log.txt); log.scalars(tag, step, {name:
+    value}): TensorBoard scalars beside it, as Dassl's runs write them (tensorboard --logdir runs/ shows a sweep)."""
+    writer = SummaryWriter(os.path.dirname(path) or ".", flush_secs=10)
+
     def log(msg):
         tqdm.write(msg)
         with open(path, "a") as f:
             f.write(msg + "\n")
+
+    def scalars(tag, step, values):
+        for name, value in values.items():
+            writer.add_scalar(f"{tag}/{name}", value, step)
+    log.scalars, log.close = scalars, writer.close
     return log
 
 
@@ -150,6 +159,8 @@ def finish(args, res, log):
     """Print the line, then write results.json whole (its presence marks the run finished)."""
     line, path = res.pop("line"), os.path.join(args.out, "results.json")
     log(line)  # printed first: a full disk below still leaves the accuracies on the screen
+    log.scalars("results", 0, {k: res[k] for k in ("base", "new", "hm", "all") if k in res})
+    log.close()
     write_json(res, path)
     log(f"wrote {path}")
     return res

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from clip_prompt import EncodeCounter, ZeroShotCLIP, build_learner, load_clip, phrase_context
 from config import parse_args
-from data import (DATASETS, ImageList, build_transforms, check_images, decode_all, fewshot_splits, hide_labels,
-                  read_splits, subsample_classes)
-from demo import DEMO_CLIP, make_demo
+from data import (DATASETS, ImageList, build_transforms, fewshot_splits, hide_labels, load_images, read_splits,
+                  subsample_classes)
+from demo import DEMO_CLIP, DEMO_NOTE
 from dept import DePT, dept_loss
 from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
 from eval import accuracy, evaluate_run, load_checkpoint, load_teacher, test_loader
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, gpa_weights, pseudo_label_loss
+from prepare import prepare
 from pseudolabel import PseudoLabeler, hidden_label_agreement, pseudo_label_quality
 from rundir import Meter, OutputLock, failure_line, finish, memory_gb, save_atomic, settings, start_output
 from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
@@ -43,8 +44,6 @@ from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
 # -----------------------------------------------------------------------------
 # main: data -> frozen CLIP -> prompt learner -> {alone | MAO | DPC | DePT} -> evaluation
 
-DEMO_NOTE = ("Toy world (README, 'The embedded demo'): a small CLIP pretrained here on synthetic captioned "
-             "shapes, 36 colour-shape classes. Its numbers describe this task, not the paper's benchmarks.")
 Data = namedtuple("Data", "image_dir base base_names new new_names distil decoded note")
 
 
@@ -80,9 +79,9 @@ def main(argv=None):
 
 def load_data(args):
     """The few-shot base classes (labelled) and the new classes (training images unlabeled); every
-    image is checked now, so a broken one stops the run before anything is written."""
-    if args.dataset == "demo" and not os.path.isdir(os.path.join(args.root, "demo")):
-        print(f"writing the synthetic demo dataset to {make_demo(args.root)}")
+    image is checked now, so a broken one stops the run before anything is written (load_images)."""
+    if args.download or args.dataset == "demo":
+        prepare(args.dataset, args.root)  # fetched and laid out (the demo: written), unless it is there
     splits, image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
     if args.subsample == "all":  # a cross-dataset source: all classes
         base, base_names = subsample_classes(splits, "all")
@@ -105,16 +104,7 @@ def load_data(args):
     if args.backbone == "promptkd" and args.method in ("none", "dpc") and not args.init_from:
         distil = hide_labels(subsample_classes(read_splits(args.dataset, args.root)[0], "all")[0]["train"])
     sets = {"base": base["train"], "new": new["train"] if args.method == "mao" else [], "distil": distil or []}
-    decoded, note = {k: None for k in sets}, None
-    if args.cache_images:
-        decoded = {k: decode_all(image_dir, v, args.workers) for k, v in sets.items()}
-        mb = sum(im.width * im.height * 3 for v in decoded.values() for im in v) / 2**20
-        note = (f"decoded the {sum(map(len, sets.values()))} training images once ({mb:.1f} MB in memory; "
-                f"--cache_images 0 decodes them on every use)")
-    else:
-        for v in sets.values():
-            check_images(image_dir, v)
-    check_images(image_dir, base["test"] + new["test"])  # headers: a broken one fails now
+    decoded, note = load_images(image_dir, sets, base["test"] + new["test"], args.cache_gb, args.workers)
     return Data(image_dir, base, base_names, new, new_names, distil, decoded, note)
 
 
@@ -433,10 +423,11 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
             if (it + 1) % args.log_every == 0 or it + 1 == n_it:
                 eta = (time.time() - t0) / done * ((epochs - epoch - 1) * n_it + n_it - it - 1)
-                avg = " ".join(f"{k} {v / (it + 1):.3g}" for k, v in sums.items())
-                log(f"[{stage}] ep {epoch + 1}/{epochs} | it {it + 1}/{n_it} | loss {loss.item():.4f} ({avg}) | "
-                    f"lr {lr:.1e} | {(time.time() - t0) / done:.2f} s/it | eta {eta / 60:.1f}m | "
-                    f"mem {memory_gb(device):.1f}G")
+                avg = {k: v / (it + 1) for k, v in sums.items()}
+                log(f"[{stage}] ep {epoch + 1}/{epochs} | it {it + 1}/{n_it} | loss {loss.item():.4f} "
+                    f"({' '.join(f'{k} {v:.3g}' for k, v in avg.items())}) | lr {lr:.1e} | "
+                    f"{(time.time() - t0) / done:.2f} s/it | eta {eta / 60:.1f}m | mem {memory_gb(device):.1f}G")
+                log.scalars(stage, epoch * n_it + it + 1, dict(avg, loss=loss.item(), lr=lr))  # TensorBoard
             t_wait = time.time()
         state = learner.learned_state()
         if weights is not None:  # GPA: per epoch, in fp32
@@ -444,6 +435,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
         if select is not None:
             score = select()
             log(f"[{stage}] ep {epoch + 1}/{epochs} | val accuracy {score:.2f}")
+            log.scalars(stage, (epoch + 1) * n_it, {"val_accuracy": score})
             if best is None or score > best[0]:  # a tie keeps the earlier epoch, as Dassl's is_best
                 best = (score, epoch, state)
         stats = dict(seconds=stats["seconds"] + time.time() - t_epoch, load_seconds=stats["load_seconds"] + load,

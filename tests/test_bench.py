@@ -41,9 +41,22 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         head = 24 * 64 + 24 + 4 * 64  # DePT's CAT head on DTD's 24 base classes: C x E + C + 4 E
         assert r["lines"]["dept"]["params"] == r["learnable_params"] + head
         assert r["lines"]["plain"]["ratio_memory"] == 1.0 and r["infer_images_per_s"]["median"] > 0
-        assert f"| {r['backbone']} | MAO base step |" in md
+        assert f"| {r['backbone']} | 24 | MAO base step |" in md
     coop = res["backbones"][0]["lines"]
     # dynamic candidates: a DTD-shaped base batch (16 images, 16 distinct classes) encodes 16 of the 24 class
     # prompts, so the step's memory is below the plain step's over all 24 classes
     assert coop["mao_base"]["peak_mb"] < coop["plain"]["peak_mb"]
     assert "Paper Table 3" in md
+
+
+def test_class_counts_what_fits_and_start_up_at_scale(tmp_path):
+    out = str(tmp_path / "scale.json")
+    res = bench.main(["--quick", "--classes", "32,48", "--lines", "mao_base", "--repeats", "1", "--out", out])
+    (r32, r48) = res["backbones"]
+    assert (r32["classes"], r48["classes"]) == (32, 48) and set(r48["lines"]) == {"plain", "mao_base"}
+    assert r32["lines"]["plain"]["peak_mb"] < r48["lines"]["plain"]["peak_mb"]  # every class's text, with grads
+    assert r48["lines"]["mao_base"]["peak_mb"] < r48["lines"]["plain"]["peak_mb"]  # the batch's 32 classes only
+    assert "| coop | MAO base step |" in bench.what_fits([out])
+    folder = str(tmp_path / "folder")
+    got = bench.main(["--startup", folder, "--images", "400"])  # made: 100 classes of 4 images
+    assert (got["images"], got["train_images"], got["shots"]) == (400, 200, 2)

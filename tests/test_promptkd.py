@@ -15,6 +15,7 @@ from clip.model import CLIP
 
 import config
 import eval as evaluation
+import rundir
 import train
 from clip_prompt import PromptKD, build_learner, phrase_context
 from conftest import run_train
@@ -193,6 +194,7 @@ def test_promptkd_runs_never_read_a_label_and_refuse_a_teacher_that_does_not_fit
     assert seen == val and res["cost"]["backbone"]["kept_epoch"] == 1
     log = open(os.path.join(out, "log.txt")).read()
     assert "(kd " in log and " ce " not in log and "kept epoch 1 of 1" in log  # its own loss only
+    assert "decoded 48 of the 240 training images once" in log  # the 192 it distils on stream, whatever the budget
     real = train.read_splits
 
     def scrambled(*a):  # every training label replaced: the student must not notice
@@ -233,7 +235,8 @@ def test_best_val_keeps_the_best_epoch_and_a_tie_keeps_the_earlier(tmp_path, tin
         states.append(learner.learned_state())
         return next(scores)
     loss = lambda b: (learner(b[0]).logits.logsumexp(1).mean(), {})
-    train.train_stage("base", learner, loader, loss, 4, args, lambda m: None, cost, select=select)
+    train.train_stage("base", learner, loader, loss, 4, args, rundir.make_log(str(tmp_path / "log.txt")), cost,
+                      select=select)
     assert cost["kept_epoch"] == 2 and torch.equal(learner.learned_state()["ctx"], states[1]["ctx"])
     assert not torch.equal(states[1]["ctx"], states[3]["ctx"])  # epoch 4 tied with 2 and moved on: not kept
 

@@ -219,15 +219,20 @@ def test_official_recipe_runs_and_is_summarized_apart(tmp_path, demo_root, tiny_
 
 
 def test_decoding_once_changes_nothing_but_the_cost(tmp_path, demo_root, tiny_clip_path):
-    res = {c: run_train(tmp_path / c, demo_root, tiny_clip_path, "--epochs", "2", "--cache_images", c) for c in "01"}
+    """Every training image decoded on every use (0), 32 of the 96 decoded once (a budget of 32 64x64 images at 4
+    bytes a pixel: the rest stream) or all 96 (1 GB): the same prompts."""
+    res = {c: run_train(tmp_path / c, demo_root, tiny_clip_path, "--epochs", "2", "--cache_gb", c)
+           for c in ("0", str(32 * 4 * 64 * 64 / 2**30), "1")}
     for name in ("base_prompt.pt", "new_prompt.pt"):
-        assert torch.equal(learned(os.path.join(res["0"][1], name))["ctx"], learned(os.path.join(res["1"][1], name))["ctx"])
+        assert len({tuple(learned(os.path.join(o, name))["ctx"].flatten().tolist()) for _, o in res.values()}) == 1
+    notes = [open(os.path.join(o, "log.txt")).read() for _, o in res.values()]
+    assert [f"decoded {n} of the 96 training images once" in t for n, t in zip((0, 32, 96), notes)] == [True] * 3
     assert res["0"][0]["variant"] == res["1"][0]["variant"]  # a system setting, not a variant
     cost = res["1"][0]["cost"]
     assert set(cost) == {"mao_base", "mao_new", "evaluation"} and cost["mao_base"]["texts_grad"] > 0
 
 
-@pytest.mark.parametrize("cache", ["1", "0"])
+@pytest.mark.parametrize("cache", ["1", "0"])  # decoded once, or on every use
 def test_a_broken_training_image_stops_the_run_before_anything_is_written(tmp_path, demo_root, tiny_clip_path, cache):
     import shutil
     root = str(tmp_path / "data")
@@ -238,5 +243,21 @@ def test_a_broken_training_image_stops_the_run_before_anything_is_written(tmp_pa
     with open(os.path.join(image_dir, rel), "w") as f:
         f.write("not an image")
     with pytest.raises(ValueError, match=f"cannot read image .*{rel}"):
-        run_train(tmp_path, root, tiny_clip_path, "--cache_images", cache)
+        run_train(tmp_path, root, tiny_clip_path, "--cache_gb", cache)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_every_run_writes_tensorboard_scalars_beside_its_log(tmp_path, demo_root, tiny_clip_path):
+    from tensorboardX.proto.event_pb2 import Event
+    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--epochs", "2", "--log_every", "5")
+    tags = {}
+    for name in [f for f in os.listdir(out) if f.startswith("events.out.tfevents.")]:
+        with open(os.path.join(out, name), "rb") as f:
+            data = f.read()
+        while data:  # TFRecords: length (8 bytes), its CRC (4), the Event, its CRC (4)
+            n = int.from_bytes(data[:8], "little")
+            event, data = Event.FromString(data[12:12 + n]), data[16 + n:]
+            for v in event.summary.value:
+                tags.setdefault(v.tag, []).append((event.step, v.simple_value))
+    assert {"base/loss", "base/ce", "base/lr", "new/loss", "new/pl_acc", "results/base", "results/hm"} <= set(tags)
+    assert tags["results/hm"] == [(0, pytest.approx(res["hm"]))] and len(tags["base/loss"]) >= 2
