@@ -67,7 +67,10 @@ def load_clip(name, device="cpu", precision="auto"):
             with warnings.catch_warnings():  # torch deprecates TorchScript (OpenAI's format)
                 warnings.simplefilter("ignore")
                 model, _ = clip.load(name, device=device, jit=False)
-    except Exception as e:  # a file of another kind: torch.load and clip.load fail many ways
+    except Exception as e:  # no network for a name, a file of another kind: torch.load and clip.load fail many ways
+        if not os.path.isfile(name):
+            raise ValueError(f"--clip {name}: its download failed ({type(e).__name__}: {e}); on a machine without "
+                             f"the network, download it once elsewhere and give --clip /path/to/its .pt") from None
         raise ValueError(f"--clip {name}: not a CLIP checkpoint that clip.load or clip.model.build_model "
                          f"can read ({type(e).__name__}); give a model name or OpenAI's .pt file") from None
     if precision == "fp16" or (precision == "auto" and device.type == "cuda"):

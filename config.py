@@ -210,6 +210,11 @@ def parse_args(argv=None):
     if args.backbone != "promptkd" and any(getattr(args, k) == v for k, v in RELEASED_KD.items()):
         raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in RELEASED_KD.items())}: released PromptKD+DPC "
                          f"behaviours; only --backbone promptkd has them")
+    if args.template is not None and args.template.count("{}") != 1:
+        raise ValueError(f"--template {args.template!r} needs one {{}} where the class name goes: 'a photo of a {{}}.'")
+    if args.template is not None and args.backbone not in ("zsclip", "kgcoop"):
+        raise ValueError(f"--template sets zero-shot CLIP's prompt and KgCoOp's frozen targets; {args.backbone} "
+                         f"does not use it (its prompt is learned): leave it out")
     if args.method == "dept" and args.backbone in ("zsclip", "promptkd"):
         raise ValueError(f"--method dept needs a learner with a prompt and class texts; not {args.backbone}")
     words = len((args.ctx_init if args.ctx_init is not None else DEFAULTS["ctx_init"]).split())

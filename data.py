@@ -7,6 +7,7 @@ it, and the split (a `split_zhou_*.json` from CoOp's Google Drive, or a kind rea
 text files). docs/reproduce.md tabulates the layout with each dataset's download. An item is
 (relpath, label, classname), relpath relative to the image folder, exactly as in the split JSONs.
 The embedded demo (demo.py) is written in the same layout, so it runs through the same code."""
+import hashlib
 import json
 import math
 import os
@@ -93,7 +94,7 @@ def write_folder_split(root, seed=1, train=0.5, val=0.2):
     """A folder of class folders as a dataset: class names from the folder names ('_' read as a space),
     a seeded 50 / 20 / 30 % split per class (CoOp's read_and_split_data), written once beside the images
     as split_folder.json in CoOp's format, so every later run, seed and method sees the same split."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d != "split_fewshot")
+    classes = _class_folders(root)
     if len(classes) < 2:
         raise ValueError(f"{root} holds {len(classes)} class folder(s): base-to-new needs at least 2 (one "
                          f"folder of images per class)")
@@ -136,7 +137,13 @@ def read_classnames(path):
 
 
 def _list_images(folder):
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+
+
+def _class_folders(root):
+    """A folder dataset's classes: its folders, but the few-shot cache and hidden ones (.ipynb_checkpoints)."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d != "split_fewshot"
+                  and not d.startswith("."))
 
 
 def read_splits(name, root):
@@ -155,7 +162,18 @@ def read_splits(name, root):
         _need(os.path.join(ddir, kind), name, root, "split file ")
         _need(image_dir, name, root, "image folder ")
         js = read_json(os.path.join(ddir, kind))
-        splits = {k: [(p, int(y), c) for p, y, c in js[k]] for k in ("train", "val", "test")}
+        try:
+            splits = {k: [(p, int(y), c) for p, y, c in js[k]] for k in ("train", "val", "test")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{os.path.join(ddir, kind)}: not a CoOp split file ({type(e).__name__}: {e}): it holds "
+                             f"train, val and test lists of [image path, label, class name]") from None
+        if name == "folder":  # images or classes added after the split was written are in no run: say so
+            listed = {p for split in splits.values() for p, _, _ in split}
+            new = [f"{c}/{f}" for c in _class_folders(ddir) for f in _list_images(os.path.join(ddir, c))
+                   if f"{c}/{f}" not in listed]
+            if new:
+                print(f"note: {len(new)} images under {ddir} are in no split of {kind} (e.g. {new[0]}), so no run "
+                      f"uses them: add them to {kind}, or delete it to split the folder again")
     elif kind == "fgvc":  # variant strings are the class names; the line index is the label
         for fn in ["variants.txt"] + [f"images_variant_{s}.txt" for s in ("train", "val", "test")]:
             _need(os.path.join(ddir, fn), name, root)
@@ -261,14 +279,18 @@ def fewshot_splits(name, root, shots, seed):
     if shots <= 0 or name in TEST_ONLY:
         return splits, image_dir
     cache = os.path.join(root, spec["folder"], "split_fewshot", f"shot_{shots}-seed_{seed}.pkl")
+    source = hashlib.sha256(repr((splits["train"], splits["val"])).encode()).hexdigest()  # what it is drawn from
+    obj = {}
     if os.path.isfile(cache):
         with open(cache, "rb") as f:
             obj = _DasslUnpickler(f).load()
+    coop = bool(obj.get("train")) and not isinstance(obj["train"][0], tuple)  # CoOp's own pickle: used as is
+    if coop or obj.get("source") == source:
         conv = lambda xs: [x if isinstance(x, tuple) else _from_datum(x, image_dir) for x in xs]
         few = {"train": conv(obj["train"]), "val": conv(obj.get("val", splits["val"]))}
-    else:  # random.Random(seed) draws what CoOp's random.seed(seed) and the same calls draw
+    else:  # none yet, or drawn from a split since edited; random.Random(seed) draws what CoOp's random.seed does
         rng = random.Random(seed)
-        few = {"train": fewshot(splits["train"], shots, rng)}
+        few = {"train": fewshot(splits["train"], shots, rng), "source": source}
         few["val"] = (splits["val"] if name == "imagenet"
                       else fewshot(splits["val"], min(shots, 4), rng, strict=False))
         _atomic_pickle(few, cache)

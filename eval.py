@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from clip_prompt import build_learner, class_logits, class_texts, load_clip
 from dept import DePT
-from data import (DG_TARGETS, XD_TARGETS, ImageList, build_transforms, dataset_spec, fewshot_splits, read_image,
-                  read_splits, subsample_classes)
+from data import (DG_TARGETS, XD_TARGETS, ImageList, ImageReadError, build_transforms, dataset_spec, fewshot_splits,
+                  read_image, read_splits, subsample_classes)
 from report import harmonic_mean, plot, summarize
 from rundir import error_line, write_json
 
@@ -239,6 +239,8 @@ def prompt_words(run, k=3, device="cpu"):
     from clip.simple_tokenizer import SimpleTokenizer
     files = [os.path.join(run, f) for f in ("prompt.pt", "parallel_prompt.pt", "base_prompt.pt",
                                             "new_prompt.pt") if os.path.isfile(os.path.join(run, f))]
+    if os.path.isdir(run) and not files:
+        raise ValueError(f"{run} holds no learned prompt (zero-shot CLIP learns none): --words has nothing to show")
     decoder, vocab, out = SimpleTokenizer().decoder, {}, {}
     for path in files if os.path.isdir(run) else [run]:
         ck = load_checkpoint(path)
@@ -339,8 +341,12 @@ def main(argv=None):
         for name, rows in prompt_words(a.ckpt).items():
             print(name, *(f"  {j + 1}: " + "  ".join(w for w, _ in row) for j, row in enumerate(rows)), sep="\n")
     if a.predict:
-        for path, top in zip(a.predict, load_predictor(a.ckpt, a.classes, overrides)(a.predict)):
-            print(path, *(f"  {p:6.1%}  {n}  ({f})" for n, p, f in top[:5]), sep="\n")
+        predict = load_predictor(a.ckpt, a.classes, overrides)
+        for path in a.predict:  # one image at a time: an unreadable one is reported, the others still scored
+            try:
+                print(path, *(f"  {p:6.1%}  {n}  ({f})" for n, p, f in predict([path])[0][:5]), sep="\n")
+            except ImageReadError as e:
+                print(f"{path}: {e}")
     if a.words or a.predict:
         return None
     if a.datasets:

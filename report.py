@@ -306,6 +306,7 @@ def compact_markdown(rows):
     pick = {(r["backbone"], r["method"], r["variant"]): r for r in rows if r["dataset"] == want}
     secs = lambda r, a: "–" if r is None else cell_seconds(r["seconds"], a["seconds"] if a and a is not r
                                                             else None, digits=0)
+    seeds = lambda r, a: "" if not (r and a) or r["seeds"] == a["seeds"] else f" (seeds {cell_seeds(r)})"
     table = []
     for bb in sorted({k[0] for k in pick}, key=lambda b: _order((b, "", "", ""))):
         alone = pick.get((bb, "none", ""))
@@ -314,11 +315,12 @@ def compact_markdown(rows):
                 continue
             others = [pick.get((bb, m, tag)) for m in METHOD_ORDER[1:]]
             table.append([NAMES.get(bb, bb) + (f" [{tag}]" if tag else ""), "" if tag else cell_bnh(alone)]
-                         + [cell_bnh(o) for o in others] + ["" if tag else secs(alone, alone)]
+                         + [cell_bnh(o) + seeds(o, alone) for o in others] + ["" if tag else secs(alone, alone)]
                          + [secs(o, alone) for o in others])
     labels = [METHOD_LABELS[m] for m in METHOD_ORDER[1:]]
     return "\n".join(["## Table 1, compact", "Base / new / HM (means; averages over datasets when there are "
-                      "several) and training seconds per run (x the learner alone).", "",
+                      "several) and training seconds per run (x the learner alone); a cell over other seeds than its "
+                      "learner alone names them.", "",
                       md_table(["learner", "alone"] + labels + ["train s: alone"] + labels, table)])
 
 
@@ -339,6 +341,16 @@ def _b2n_runs_with(runs, field, by_dataset=False):
 
 def _names(key):
     return [NAMES.get(key[0], key[0]), _label(dict(backbone=key[0], method=key[1], variant=key[2]))]
+
+
+def teachers_markdown(runs):
+    """PromptKD's teachers: the run each student distilled from (--teacher), found among these runs."""
+    lines = []
+    for t in sorted({r["args"]["teacher"] for r in runs if (r.get("args") or {}).get("teacher")}):
+        tail = os.path.join(*os.path.normpath(t).split(os.sep)[-3:])  # dataset/<backbone>-<method>/shots_seed
+        r = next((x for x in runs if os.path.normpath(x["dir"]).endswith(tail)), None)
+        lines.append(f"- {tail}: " + ("not among these runs" if r is None else f"{cell_bnh(r)}"))
+    return lines and "\n".join(["PromptKD's teacher, its own run (base / new / HM):"] + lines)
 
 
 def cost_markdown(runs):
@@ -428,7 +440,7 @@ def summarize(root, seeds=None):
                     for r in xd for t, (m, s) in r["acc"].items()])
     if not b2n and not xd:
         raise FileNotFoundError(f"no finished base-to-new or all-class run under {root}")
-    parts += [p for p in (compact_markdown(b2n) if b2n else "", cost_markdown(runs),
+    parts += [p for p in (compact_markdown(b2n) if b2n else "", teachers_markdown(runs), cost_markdown(runs),
                           pseudo_label_markdown(runs)) if p]
     text = "\n\n".join(parts)
     with open(os.path.join(root, "summary.md"), "w") as f:

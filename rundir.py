@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import resource
+import shlex
 import time
 from contextlib import contextmanager
 
@@ -29,6 +30,8 @@ def write_whole(path, dump):
     try:
         dump(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: the error names the file it was writing
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -68,6 +71,10 @@ class OutputLock:
         self.args, self.file = args, None
 
     def __enter__(self):
+        a = self.args
+        if a.resume and not glob.glob(os.path.join(a.out, "*_last.pt")) and not os.path.isfile(
+                os.path.join(a.out, "results.json")):
+            print(f"--resume: {a.out} holds no run to continue (a mistyped --out?); a new one starts there")
         return self.claim()
 
     def __exit__(self, *exc):
@@ -96,6 +103,10 @@ class OutputLock:
         args = self.args
         ckpts = sorted(glob.glob(os.path.join(args.out, "*_last.pt")))
         finished = os.path.isfile(os.path.join(args.out, "results.json"))
+        before = {}  # the arguments of the run the folder holds
+        if os.path.isfile(os.path.join(args.out, "args.json")):
+            with open(os.path.join(args.out, "args.json")) as f:
+                before = json.load(f)
         if args.resume:
             for path in ckpts:
                 old, new = torch.load(path, map_location="cpu", weights_only=False).get("settings", {}), settings(args)
@@ -106,9 +117,9 @@ class OutputLock:
                                      f"Resume with its flags (args.json there), or train into another --out")
             if finished:
                 print(f"{args.out} holds a finished run: its stages are complete, so only evaluation runs again")
-        elif args.stage == "new" and all("base_last" in p for p in ckpts):
-            pass  # --stage new continues a --stage base run in the same folder
-        elif finished or ckpts or os.path.isfile(os.path.join(args.out, "args.json")):
+        elif args.stage == "new" and (before.get("method"), before.get("stage")) == ("mao", "base"):
+            pass  # --stage new continues a MAO --stage base run in the same folder, and only that
+        elif finished or ckpts or before:
             what = "a finished run (results.json)" if finished else "a partial run"
             raise ValueError(f"--out {args.out} holds {what}: add --resume to "
                              f"{'re-evaluate' if finished else 'continue'} it, or choose another --out")
@@ -175,10 +186,12 @@ class Meter:
 
     @contextmanager
     def phase(self, name):
-        before, t0, extra = dict(self.counter.counts), time.time(), {}
-        yield extra  # the phase may add its own figures (the loader's share)
-        counts = {k: v - before[k] for k, v in self.counter.counts.items()}
+        before, t0, extra = dict(self.counter.counts), time.time(), {"counts": self.counter.counts}
+        yield extra  # the phase may add its own figures (the loader's share), and read the live counts
+        extra.pop("counts", None)  # train_stage takes it
         resumed = extra.pop("resumed_seconds", 0.0)  # spent by the process a --resume continues
+        earlier = extra.pop("resumed_encodings", {})  # encoded by it, in the epochs it completed
+        counts = {k: v - before[k] + earlier.get(k, 0) for k, v in self.counter.counts.items()}
         self.resumed += resumed
         self.cost[name] = dict(counts, seconds=time.time() - t0 + resumed, **extra)
 
@@ -195,10 +208,11 @@ def error_line(e):
 
 def failure_line(e, argv):
     """The one line a failure ends in: what happened, to which file, and how to go on."""
-    again = f"python train.py {' '.join(a for a in argv if a != '--resume')} --resume"
+    again = f"python train.py {shlex.join(a for a in argv if a != '--resume')} --resume"
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted; continue with: {again}"
     if isinstance(e, OSError) and e.filename and e.strerror:
         return (f"error: {e.filename}: {e.strerror}. Free space or make it writable (else start again with "
-                f"another --out); then {again} continues from the last complete checkpoint")
+                f"another --out); then {again} continues from the last complete checkpoint (a run whose "
+                f"training is done is evaluated again, without retraining)")
     return f"error: {error_line(e)}"

@@ -66,10 +66,11 @@ def check_settings(num_classes, b, K):
         raise ValueError(f"--topk {K} must be smaller than the number of base classes ({num_classes}): with K = C "
                          f"every class is a candidate and the dynamic candidate loss becomes plain CE. "
                          f"Largest valid: --topk {num_classes - 1}")
-    if b * K > num_classes:
+    if b * K > num_classes:  # the largest values that hold, each flag kept in turn (only ones the run accepts)
+        fixes = [f"--topk {num_classes // b} with --anchors {b}"] * (num_classes // b >= 2) + [
+            f"--anchors {num_classes // K} with --topk {K}"] * (num_classes // K >= 1)
         raise ValueError(f"--anchors {b} x --topk {K} = {b * K} exceeds the {num_classes} base classes (a batch "
-                         f"cannot hold that many distinct classes). Largest valid values: --topk {num_classes // b} "
-                         f"with --anchors {b}, or --anchors {max(1, num_classes // K)} with --topk {K}")
+                         f"cannot hold that many distinct classes). Largest valid values: {', or '.join(fixes)}")
 
 
 # -----------------------------------------------------------------------------

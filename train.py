@@ -389,10 +389,10 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
         start, gpa, best, stats = ck["epoch"] + 1, ck.get("gpa"), ck.get("best"), ck.get("stats", stats)
         log(f"[{stage}] resumed from {last}: " + (f"epoch {start + 1}/{epochs} next" if start < epochs
                                                    else f"all {epochs} epochs done"))
-    resumed = stats["seconds"]
+    resumed, earlier, counts = stats["seconds"], stats.get("encodings", {}), cost.pop("counts", {})
     n_it, t0, done = len(loader), time.time(), 0
     for epoch in range(start, epochs):
-        t_epoch, load = time.time(), 0.0
+        t_epoch, load, before = time.time(), 0.0, dict(counts)
         lr = lr_at(epoch, epochs, args, lr0)
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch, epochs, args, g["base_lr"])
@@ -411,8 +411,8 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
             load += time.time() - t_wait
             loss, parts = loss_fn(batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{stage}] loss is {loss.item()} at epoch {epoch + 1} it {it + 1}: "
-                                         f"try --precision fp32 or a smaller --lr (now {lr:g})")
+                raise FloatingPointError(f"[{stage}] loss is {loss.item()} at epoch {epoch + 1} it {it + 1}: train "
+                                         f"again into another --out with a smaller --lr (now {lr:g}) or fp32")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -440,7 +440,8 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
                 best = (score, epoch, state)
         stats = dict(seconds=stats["seconds"] + time.time() - t_epoch, load_seconds=stats["load_seconds"] + load,
                      steps=stats["steps"] + len(loader), sums={k: stats["sums"].get(k, 0.0) + v
-                                                               for k, v in sums.items()})
+                                                               for k, v in sums.items()},
+                     encodings={k: stats.get("encodings", {}).get(k, 0) + v - before[k] for k, v in counts.items()})
         save_atomic({"learned": state, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "gpa": gpa, "best": best, "stats": stats, "settings": settings(args)}, last)
     if weights is not None:
@@ -451,7 +452,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
         learner.load_learned(best[2])
         log(f"[{stage}] kept epoch {best[1] + 1} of {epochs}: the best val accuracy, {best[0]:.2f} (--best_val 1)")
         cost.update(kept_epoch=best[1] + 1)
-    cost.update(load_seconds=stats["load_seconds"], resumed_seconds=resumed)
+    cost.update(load_seconds=stats["load_seconds"], resumed_seconds=resumed, resumed_encodings=earlier)
     return stats
 
 
@@ -488,5 +489,5 @@ def seed_everything(seed):
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError, KeyboardInterrupt) as e:
+    except (OSError, ValueError, FloatingPointError, KeyboardInterrupt) as e:
         sys.exit(failure_line(e, sys.argv[1:]))

@@ -73,6 +73,8 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, demo_root, tiny_clip_pa
     for name in ("base_prompt.pt", "new_prompt.pt"):  # identical to the uninterrupted run
         assert torch.equal(learned(os.path.join(out, name))["ctx"], learned(os.path.join(ref_out, name))["ctx"])
     assert res["base"] == ref["base"] and res["new"] == ref["new"]
+    count = lambda r: {p: {k: c[k] for k in ("images", "texts_grad")} for p, c in r["cost"].items()}
+    assert count(res) == count(ref)  # the encodings of the epochs the first process completed count too
 
 
 def test_new_step_never_reads_new_class_labels(tmp_path, demo_root, tiny_clip_path, monkeypatch):
