@@ -272,8 +272,7 @@ def what_fits(paths):
         cs, ms = [c for c, _ in pts], [m for _, m in pts]
         slope = statistics.linear_regression(cs, ms).slope if len(set(cs)) > 1 else 0.0
         at = lambda c: statistics.mean(ms) + slope * (c - statistics.mean(cs))  # MB at c base classes
-        low = min(cs)
-        ratio = fp16[b, k] / ref[b, k, low] if (b, k) in fp16 else None
+        ratio = fp16[b, k] / ref[b, k, min(cs)] if (b, k) in fp16 else None  # measured at the smallest count
         rows.append([b, LINES[k]] + [f"{at(c) / 1024:.1f} / " + (f"{at(c) * ratio / 1024:.1f}" if ratio else "-")
                                      for c in [(CLASSES[d] + 1) // 2 for d in BASE_TO_NEW]])
     head = [f"{NAMES[d]} ({(CLASSES[d] + 1) // 2})" for d in BASE_TO_NEW]

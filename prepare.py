@@ -13,6 +13,7 @@ link) it says what to download by hand and where to put it; then the same comman
 import argparse
 import hashlib
 import os
+import pathlib
 import shutil
 import sys
 
@@ -31,6 +32,7 @@ AUTO = {"dtd": (tv.DTD, "dtd/dtd/images", "images"), "eurosat": (tv.EuroSAT, "eu
         "caltech101": (tv.Caltech101, "caltech101/101_ObjectCategories", "101_ObjectCategories"),
         "fgvc_aircraft": (tv.FGVCAircraft, "fgvc-aircraft-2013b/data", ""),
         "food101": (tv.Food101, "food-101/images", "images"), "sun397": (tv.SUN397, "SUN397", "SUN397")}
+sha256 = lambda path: hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 COOP = "CoOp's Google Drive (the links in github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
 BY_HAND = {
     "imagenet": "ImageNet's licence forbids an automatic download: sign in at image-net.org, download ILSVRC2012's "
@@ -45,11 +47,6 @@ def shipped(name):
     with open(os.path.join(SPLITS, "SHA256SUMS")) as f:
         sums = {path: h for h, path in (line.split() for line in f if line.strip())}
     return {p: h for p, h in sums.items() if p == DATASETS[name]["split"] or p.startswith(name + "/")}
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def place_splits(name, folder):

@@ -1,6 +1,5 @@
-"""The docs cannot drift: the README's demo table and docs/demo.md are what `eval.py --summarize` writes from the
-shipped records (docs/demo_runs/), every fenced command marked safe (```bash safe) runs as written, and the files
-import only files listed above them in the README's map."""
+"""The docs cannot drift: the demo tables are the summary of the shipped records (docs/demo_runs/), commands marked
+safe (```bash safe) run as written, and files import only files listed above them in the README's map."""
 import ast
 import glob
 import os
@@ -36,8 +35,7 @@ def checkout(tmp_path_factory):
     """The tracked files, copied: a command may write beside them."""
     dest = tmp_path_factory.mktemp("checkout")
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    for f in files or [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "**", "*"), recursive=True)
-                       if os.path.isfile(p) and ".venv" not in p]:
+    for f in files:
         os.makedirs(os.path.dirname(dest / f), exist_ok=True)
         shutil.copy(os.path.join(ROOT, f), dest / f)
     return dest

@@ -1,7 +1,5 @@
-"""prepare.py offline: a loopback HTTP server on 127.0.0.1 stands in for DTD's download site (torchvision's own DTD
-downloader, its URL and MD5 pointed at the server). The prepared folder trains; a wrong checksum, a cut download and
-a broken archive each end in one line with nothing under the final name; a second preparation downloads nothing;
---check tells ready, missing and broken apart."""
+"""prepare.py offline, a loopback server standing in for DTD's site (torchvision's DTD downloader pointed at it): the
+folder trains; a bad checksum, a cut download, a broken archive each end in one line, nothing kept; --check."""
 import hashlib
 import http.server
 import io
@@ -18,7 +16,8 @@ import prepare
 import train
 
 
-def dtd_archive():
+@pytest.fixture(scope="module")
+def archive():
     """dtd-r1.0.1.tar.gz's shape: dtd/images/<class>/<image>.jpg for every image of the shipped split (8x8 JPEGs)
     and dtd/labels/train1.txt, which torchvision's DTD reads."""
     with open(os.path.join(prepare.SPLITS, "split_zhou_DescribableTextures.json")) as f:
@@ -34,11 +33,6 @@ def dtd_archive():
             add(f"dtd/images/{rel}", jpg.getvalue())
         add("dtd/labels/train1.txt", "\n".join(rel for rel, _, _ in split["train"][:3]).encode())
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def archive():
-    return dtd_archive()
 
 
 @pytest.fixture

@@ -1,9 +1,6 @@
-"""PromptKD exact to the released trainers, written out here (zhengli97/PromptKD trainers/promptkd.py,
-JREion/DPC trainers/sple_promptkd.py): the student's logits, the KD loss and its gradients; DPC's stage-2
-loss and gradients on it, from the start its comments intend (the default) and from the start the released
-file actually runs (--recipe official); DHNO's rankings; its size at ViT-B/16 widths; MAO and DPC one step;
-the best-val epoch; learners sharing a teacher; it never reads a label; a teacher that does not fit is
-refused."""
+"""PromptKD exact to the released trainers, written out here (zhengli97/PromptKD trainers/promptkd.py, JREion/DPC
+trainers/sple_promptkd.py): the student's logits, KD loss and gradients; DPC's stage 2 on it, intended and released;
+DHNO's rankings; its size; one step of each; the best-val epoch; a shared teacher; labels never read."""
 import copy
 import os
 
@@ -80,12 +77,9 @@ def test_student_logits_kd_loss_and_gradients_are_the_released_ones(tiny_clip, t
 
 @pytest.mark.parametrize("start", ["intended", "released"])
 def test_dpc_stage2_on_promptkd_from_the_intended_and_the_released_start(tiny_clip, teacher, start):
-    """sple_promptkd.py's update (--dpc_param released, L_CL only): P' is the teacher's text context (converse,
-    aliasing its P), the other tensors train directly. Its comments intend stage 2 to start from stage 1's deep
-    vision prompts and the teacher's deep text prompts (the default here). Released, VLPromptLearner_SPLE.__init__
-    writes them into transformer.ctx_list[i + 1], a list DPC's clip/model.py blocks never read, and its text
-    encoder is a fresh load_clip_to_cpu_teacher: both start as build_model's N(0, 0.02) and train
-    (--dpc_vision_deep random, --dpc_text_deep trained)."""
+    """sple_promptkd.py's update (--dpc_param released, L_CL only), from the start its comments intend (stage 1's deep
+    vision prompts, the teacher's deep text prompts) or the released one: VLPromptLearner_SPLE.__init__ writes them
+    into transformer.ctx_list[i + 1], which no block reads, so both start as build_model's N(0, 0.02) and train."""
     w, released = 0.2, start == "released"
     kd = student(tiny_clip, teacher).train()
     t, bn = copies(kd)
@@ -205,6 +199,18 @@ def test_promptkd_runs_never_read_a_label_and_refuse_a_teacher_that_does_not_fit
     monkeypatch.undo()
     a, b = (torch.load(os.path.join(o, "prompt.pt"), weights_only=False)["learned"] for o in (out, out2))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    real, seen = train.HardNegativeBatchSampler, {}  # DPC as released: stage 2's start, ranking and fallback
+    monkeypatch.setattr(train, "HardNegativeBatchSampler", lambda *a, **k: seen.update(k) or real(*a, **k))
+    res, out = run_train(tmp_path / "e", demo_root, tiny_clip_path, *kd[:4], "--method", "dpc", "--recipe", "official",
+                         "--dpc_epochs", "1", *kd[6:])
+    monkeypatch.undo()
+    assert seen["fallback_high"] == 6 - 1 and seen["released"]  # sple_promptkd.py draws randint(1, C - 1)
+    ck = {f: torch.load(os.path.join(out, f), weights_only=False)["learned"] for f in ("base_prompt.pt", "new_prompt.pt")}
+    taught = torch.load(os.path.join(teacher, "prompt.pt"), weights_only=False)["learned"]["text_prompts.0"]
+    assert torch.equal(ck["new_prompt.pt"]["text_prompts.0"], taught)  # new classes: stage 1's, the teacher's
+    assert not torch.equal(ck["base_prompt.pt"]["text_prompts.0"], taught)  # base classes: trained from fresh
+    again = evaluation.evaluate_checkpoints(out)  # the prompt files reload, text prompts and all
+    assert (again["base"], again["new"]) == (res["base"], res["new"])
     other = run_train(tmp_path / "c", demo_root, tiny_clip_path, *flags, "--shots", "4", "--subsample", "all")[1]
     with pytest.raises(ValueError, match="trained on other classes"):
         run_train(tmp_path / "d", demo_root, tiny_clip_path, *kd[:2], "--teacher", other, *kd[4:])
@@ -212,8 +218,7 @@ def test_promptkd_runs_never_read_a_label_and_refuse_a_teacher_that_does_not_fit
 
 
 def test_learners_sharing_a_teacher_leave_it_whole(tiny_clip, teacher):
-    """The base step's, the new step's and the labeller's students score other classes through the teacher's
-    one class list, which none of them changes: each one's KD text covers every class."""
+    """Students score other classes as rows of the teacher's class list, which none changes."""
     a, b = student(tiny_clip, teacher, NAMES[:3]), student(tiny_clip, teacher, NAMES[3:])
     before = a.eval().encode_text().clone()
     b.set_classnames(NAMES[1:4])
@@ -239,34 +244,3 @@ def test_best_val_keeps_the_best_epoch_and_a_tie_keeps_the_earlier(tmp_path, tin
                       select=select)
     assert cost["kept_epoch"] == 2 and torch.equal(learner.learned_state()["ctx"], states[1]["ctx"])
     assert not torch.equal(states[1]["ctx"], states[3]["ctx"])  # epoch 4 tied with 2 and moved on: not kept
-
-
-def test_released_recipes_of_promptkd_and_dept_on_cocoop():
-    args = lambda *a: config.parse_args(["--device", "cpu", "--teacher", "T", *a])
-    assert args("--backbone", "promptkd", "--dataset", "dtd", "--method", "none").kd_weight == 200.0  # as released
-    assert args("--backbone", "promptkd", "--dataset", "eurosat", "--method", "none").kd_weight == 1000.0
-    kd = args("--backbone", "promptkd", "--dataset", "dtd", "--method", "dpc")
-    assert kd.best_val == 1 and args("--backbone", "promptkd", "--dataset", "imagenet", "--method", "none").best_val == 0
-    official = args("--backbone", "promptkd", "--method", "dpc", "--recipe", "official")
-    assert (official.dpc_vision_deep, official.dpc_text_deep, official.dpc_ranker_ctx) == ("random", "trained", "init")
-    cocoop = config.parse_args(["--backbone", "cocoop", "--method", "dept", "--device", "cpu"])
-    assert (cocoop.epochs, cocoop.batch_size, cocoop.lr) == (10, 1, 0.002)  # vit_b16_c4_ep10_batch1_ctxv1
-    with pytest.raises(ValueError, match="only --backbone promptkd"):
-        config.parse_args(["--backbone", "coop", "--method", "dpc", "--dpc_text_deep", "trained"])
-
-
-def test_dpc_on_promptkd_as_released_end_to_end(tmp_path, demo_root, tiny_clip_path, monkeypatch):
-    flags = ["--epochs", "1", "--depth", "2"]
-    _, teacher = run_train(tmp_path / "t", demo_root, tiny_clip_path, "--backbone", "promptsrc", "--method", "none",
-                           *flags)
-    real, seen = train.HardNegativeBatchSampler, {}
-    monkeypatch.setattr(train, "HardNegativeBatchSampler", lambda *a, **k: seen.update(k) or real(*a, **k))
-    res, out = run_train(tmp_path / "s", demo_root, tiny_clip_path, "--backbone", "promptkd", "--teacher", teacher,
-                         "--method", "dpc", "--recipe", "official", "--dpc_epochs", "1", *flags)
-    assert seen["fallback_high"] == 6 - 1 and seen["released"]  # sple_promptkd.py draws randint(1, C - 1)
-    ck = {f: torch.load(os.path.join(out, f), weights_only=False)["learned"] for f in ("base_prompt.pt", "new_prompt.pt")}
-    taught = torch.load(os.path.join(teacher, "prompt.pt"), weights_only=False)["learned"]
-    assert torch.equal(ck["new_prompt.pt"]["text_prompts.0"], taught["text_prompts.0"])  # new classes: stage 1
-    assert not torch.equal(ck["base_prompt.pt"]["text_prompts.0"], taught["text_prompts.0"])  # trained from fresh
-    again = evaluation.evaluate_checkpoints(out)  # the prompt files reload, text prompts and all
-    assert (again["base"], again["new"]) == (res["base"], res["new"])

@@ -90,7 +90,9 @@ def test_a_broken_test_image_stops_the_run_before_training(tmp_path, demo_root, 
     root = str(tmp_path / "data")
     shutil.copytree(demo_root, root)
     rel = json.load(open(os.path.join(root, "demo", "split_demo.json")))["test"][-1][0]
-    open(os.path.join(root, "demo", "images", rel), "w").write("not an image")
+    path = os.path.join(root, "demo", "images", rel)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 3])  # truncated, its header intact: found by decoding it
     with pytest.raises(ValueError, match=f"cannot read image .*{rel}"):
         run_train(tmp_path, root, tiny_clip_path)
     assert not os.path.exists(tmp_path / "run")

@@ -47,12 +47,6 @@ def test_method_none_single_epoch_and_reload(tmp_path, demo_root, tiny_clip_path
     assert set(everything) == {"all"}
 
 
-def test_zero_shot_baseline(tmp_path, demo_root, tiny_clip_path):
-    res, out = run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", "zsclip")
-    assert res["method"] == "none" and not os.path.exists(os.path.join(out, "prompt.pt"))
-    assert res["hm"] == pytest.approx(evaluation.harmonic_mean(res["base"], res["new"]))
-
-
 def test_resume_continues_from_the_saved_epoch(tmp_path, demo_root, tiny_clip_path, monkeypatch):
     ref, ref_out = run_train(tmp_path / "a", demo_root, tiny_clip_path, "--epochs", "4")
     real_save, calls = train.save_atomic, []
@@ -206,6 +200,17 @@ def test_recipe_official_sets_every_released_behaviour():
     assert config.parse_args(base + ["--method", "none", "--recipe", "official"]).variant == {}  # nothing to switch
     xd = config.parse_args(["--dataset", "imagenet", "--subsample", "all", "--recipe", "official", "--device", "cpu"])
     assert xd.lr == 0.005 and config.parse_args(["--dataset", "imagenet", "--subsample", "all"]).lr == 0.0035
+    # PromptKD's and DePT-on-CoCoOp's released recipes
+    args = lambda *a: config.parse_args(["--device", "cpu", "--teacher", "T", *a])
+    kd = lambda dataset, method="none": args("--backbone", "promptkd", "--dataset", dataset, "--method", method)
+    assert (kd("dtd").kd_weight, kd("eurosat").kd_weight, kd("dtd", "dpc").best_val, kd("imagenet").best_val) == (
+        200.0, 1000.0, 1, 0)  # base2new_train.sh's weights; best_val kept (ImageNet: no val apart from test)
+    official = args("--backbone", "promptkd", "--method", "dpc", "--recipe", "official")
+    assert (official.dpc_vision_deep, official.dpc_text_deep, official.dpc_ranker_ctx) == ("random", "trained", "init")
+    cocoop = args("--backbone", "cocoop", "--method", "dept", "--teacher", "")  # vit_b16_c4_ep10_batch1_ctxv1
+    assert (cocoop.epochs, cocoop.batch_size, cocoop.lr) == (10, 1, 0.002)
+    with pytest.raises(ValueError, match="only --backbone promptkd"):
+        config.parse_args(["--backbone", "coop", "--method", "dpc", "--dpc_text_deep", "trained"])
 
 
 def test_official_recipe_runs_and_is_summarized_apart(tmp_path, demo_root, tiny_clip_path):
