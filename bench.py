@@ -260,23 +260,24 @@ def markdown(res):
 
 
 def what_fits(paths):
-    """Peak tensor memory of each step per benchmark dataset (its base classes), derived from measurements:
-    a least-squares line a + b C through the fp32 runs of each learner and step, times the fp16 / fp32 ratio a
-    run in fp16 measured for that step (at its smallest class count)."""
-    runs = [(j["header"]["dtype"], r) for j in map(read_json, paths) for r in j["backbones"]]
-    fp16 = {(r["backbone"], k): L["peak_mb"] for d, r in runs if d == "float16" for k, L in r["lines"].items()}
-    ref = {(r["backbone"], k, r["classes"]): L["peak_mb"] for d, r in runs if d == "float32" for k, L in r["lines"].items()}
+    """Peak tensor memory (GB) of each step per dataset (its base classes), derived: a least-squares line through the
+    fp32 runs of each learner and step (--recompute_text apart), times the fp16 / fp32 ratio an fp16 run measured."""
+    runs = [(j["header"]["dtype"], j["header"].get("recompute_text"), r) for j in map(read_json, paths)
+            for r in j["backbones"]]
+    fp16 = {(r["backbone"], k, r["classes"]): L["peak_mb"] for d, _, r in runs if d == "float16"
+            for k, L in r["lines"].items()}
+    ref = {(r["backbone"], k, bool(rc), r["classes"]): L["peak_mb"] for d, rc, r in runs if d == "float32"
+           for k, L in r["lines"].items()}
     rows = []
-    for b, k in dict.fromkeys((b, k) for b, k, _ in ref):
-        pts = [(c, m) for (b2, k2, c), m in ref.items() if (b2, k2) == (b, k)]
-        cs, ms = [c for c, _ in pts], [m for _, m in pts]
+    for b, k, rc in dict.fromkeys(key[:3] for key in ref):
+        cs, ms = zip(*[(c, m) for (b2, k2, rc2, c), m in ref.items() if (b2, k2, rc2) == (b, k, rc)])
         slope = statistics.linear_regression(cs, ms).slope if len(set(cs)) > 1 else 0.0
         at = lambda c: statistics.mean(ms) + slope * (c - statistics.mean(cs))  # MB at c base classes
-        ratio = fp16[b, k] / ref[b, k, min(cs)] if (b, k) in fp16 else None  # measured at the smallest count
-        rows.append([b, LINES[k]] + [f"{at(c) / 1024:.1f} / " + (f"{at(c) * ratio / 1024:.1f}" if ratio else "-")
-                                     for c in [(CLASSES[d] + 1) // 2 for d in BASE_TO_NEW]])
-    head = [f"{NAMES[d]} ({(CLASSES[d] + 1) // 2})" for d in BASE_TO_NEW]
-    return md_table(["learner", "step"] + head, rows)
+        ratio = next((m / ref[b, k, False, c] for (b2, k2, c), m in fp16.items() if (b2, k2) == (b, k)
+                      and (b, k, False, c) in ref), None)
+        rows.append([b, LINES[k] + " (recomputed)" * rc] + [f"{at(c) / 1024:.1f} / " + (
+            f"{at(c) * ratio / 1024:.1f}" if ratio else "-") for c in [(CLASSES[d] + 1) // 2 for d in BASE_TO_NEW]])
+    return md_table(["learner", "step"] + [f"{NAMES[d]} ({(CLASSES[d] + 1) // 2})" for d in BASE_TO_NEW], rows)
 
 
 def make_folder(root, classes, images, size=64):
@@ -335,9 +336,10 @@ def main(argv=None):
     ap.add_argument("--classes", help="base (and new) class counts to measure, e.g. 51,200,500,1000 (the dataset's)")
     ap.add_argument("--lines", default=",".join(LINES) + ",infer", help="the steps to time (default: all)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp16"], help="fp16: CLIP's layout on a CPU too")
+    ap.add_argument("--recompute_text", action="store_true", help="text activations recomputed (train.py's)")
     ap.add_argument("--fits", metavar="JSON,...", help="derive the 'what fits' table from saved fp32 / fp16 runs")
     ap.add_argument("--startup", metavar="DIR", help="time a run's start-up on the folder dataset DIR (made if absent)")
-    ap.add_argument("--images", type=int, default=20_000, help="--startup: images of the dataset it makes (100 classes)")
+    ap.add_argument("--images", type=int, default=20_000, help="--startup: images it makes (100 classes)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench.json", help="results; the markdown goes beside it (.md)")
     a = ap.parse_args(argv)
@@ -363,11 +365,12 @@ def main(argv=None):
     if a.quick:
         a.clip, a.repeats = "tiny", min(a.repeats, 2)
     model, name = load_model(a, device)
+    model.recompute_text = a.recompute_text
     header = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), clip=name,
                   cpu=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   (platform.processor() or platform.machine()),
                   dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dataset=a.dataset,
-                  classes=",".join(map(str, counts)), anchors=a.anchors, topk=a.topk,
+                  classes=",".join(map(str, counts)), anchors=a.anchors, topk=a.topk, recompute_text=a.recompute_text,
                   images_per_step=a.anchors * a.topk, repeats=a.repeats, new_epochs=a.new_epochs,
                   memory_note="torch.cuda.max_memory_allocated" if device.type == "cuda" else
                   "live tensor bytes + the step's peak from torch profiler allocation events (not RSS)")

@@ -31,6 +31,7 @@ import zipfile
 from collections import OrderedDict, namedtuple
 
 import torch
+import torch.utils.checkpoint
 
 with warnings.catch_warnings():  # openai-clip imports pkg_resources, which setuptools deprecates
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
@@ -52,10 +53,11 @@ def _is_torchscript(path):
         return False
 
 
-def load_clip(name, device="cpu", precision="auto"):
+def load_clip(name, device="cpu", precision="auto", recompute_text=False):
     """Frozen CLIP, in eval mode, from a model name ('ViT-B/16', downloaded once to ~/.cache/clip) or a
     checkpoint path. precision 'fp16' (the paper's, on a GPU): CLIP's own fp16 layout (convert_weights:
-    matmul and conv weights fp16, LayerNorms fp32) on any device; 'fp32', or 'auto' on a CPU: fp32."""
+    matmul and conv weights fp16, LayerNorms fp32) on any device; 'fp32', or 'auto' on a CPU: fp32.
+    recompute_text: its text tower recomputes each block in the backward pass (same gradients, less memory)."""
     device = torch.device(device)
     if not os.path.isfile(name) and name not in clip.available_models():
         raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()}")
@@ -77,6 +79,7 @@ def load_clip(name, device="cpu", precision="auto"):
         convert_weights(model)  # clip.load already does this on a GPU; on a CPU it returns fp32
     else:
         model = model.float()
+    model.recompute_text = recompute_text
     return model.eval().requires_grad_(False)
 
 
@@ -109,7 +112,8 @@ def encode_token_embeddings(model, x, eot, deep=None):
         if deep is not None and 1 <= i <= len(deep):
             p = deep[i - 1].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n, C, D)
             x = torch.cat([x[:1], p, x[1 + p.shape[0]:]], dim=0)
-        x = block(x)
+        recompute = getattr(model, "recompute_text", False) and x.requires_grad  # --recompute_text
+        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if recompute else block(x)
     x = x.permute(1, 0, 2)  # LND -> NLD
     x = model.ln_final(x).type(model.dtype)
     x = x[torch.arange(x.shape[0], device=x.device), eot]  # (C, D) at [EOS]

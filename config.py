@@ -69,7 +69,7 @@ RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned"
 # (results.json), tabulated apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "teacher", "device",
                 "precision", "workers", "test_batch_size", "out", "resume", "log_every", "cache_gb",
-                "download"}
+                "download", "recompute_text"}
 
 # -----------------------------------------------------------------------------
 # Flags: one flat block, grouped as in the paper; the long form of each is in docs/flags.md
@@ -124,7 +124,8 @@ ap.add_argument("--dpc_param", choices=["direct", "released"], help="how P' is u
 ap.add_argument("--dpc_base_infer", choices=["mixed", "parallel"], help="base classes' prompt (mixed)")
 ap.add_argument("--dpc_backbone_losses", type=int, choices=[0, 1], help="backbone losses beside L_CL (1)")
 ap.add_argument("--dpc_ranker", choices=["prompt", "teacher"], help="DHNO's ranking: P, or PromptKD's teacher")
-ap.add_argument("--dpc_ranker_ctx", choices=["trained", "init"], help="the teacher ranks with its context (released: init)")
+ap.add_argument("--dpc_ranker_ctx", choices=["trained", "init"], help="the teacher ranks with its trained context or "
+                "(released) its initial one")
 ap.add_argument("--dpc_vision_deep", choices=["stage1", "random"], help="PromptKD: P''s deep vision prompts start "
                 "(released: N(0, 0.02))")
 ap.add_argument("--dpc_text_deep", choices=["teacher", "trained"], help="PromptKD: L_CL's deep text prompts: the "
@@ -149,6 +150,8 @@ ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help
 RAM_GB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 ap.add_argument("--cache_gb", type=float, default=round(RAM_GB / 4, 1), help="GB of decoded training images kept "
                 "(default: a quarter of this machine's memory); the rest decode on every use; 0: all do")
+ap.add_argument("--recompute_text", type=int, default=0, choices=[0, 1], help="1: the text tower's activations "
+                "recomputed in the backward pass (same gradients, far less memory over many classes; docs/cost.md)")
 ap.add_argument("--test_batch_size", type=int, default=100)
 ap.add_argument("--out", help="output folder (runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
 ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")

@@ -336,8 +336,7 @@ class ImageReadError(ValueError):
 
 
 def read_image(path, decode=True):
-    """An RGB image (decode=False: its (width, height), from the header alone); a broken file fails naming
-    its path."""
+    """An RGB image (decode=False: its (width, height), from the header); a broken file fails naming its path."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB") if decode else im.size
@@ -347,10 +346,8 @@ def read_image(path, decode=True):
 
 
 def scan(image_dir, items, threads=1, decode=False, desc=None, keep=None):
-    """Every image of items opened in threads (Pillow releases the GIL while decoding), with a progress bar,
-    in item order: the (width, height) of each header, or (decode) the decoded images where keep[i] is
-    true (None elsewhere); decode with keep=False everywhere decodes each image and drops it, so a truncated
-    file fails now. A missing or broken file fails naming its path."""
+    """Every image of items opened in threads (Pillow releases the GIL), in order, with a progress bar: each
+    header's (width, height), or (decode) the images where keep[i] (None elsewhere: decoded, checked, dropped)."""
     def load(rel, kept):
         image = read_image(os.path.join(image_dir, rel), decode)
         return image if kept or not decode else None
@@ -361,13 +358,11 @@ def scan(image_dir, items, threads=1, decode=False, desc=None, keep=None):
 
 
 def load_images(image_dir, sets, test_items, budget_gb, threads=1):
-    """The run's images before it starts: every training image's header checked and every test image
-    decoded once (a broken or truncated file fails now, naming its path), then training images decoded
-    once and kept, in the order of sets, while they fit budget_gb (Pillow holds 4 bytes a pixel). A MAO
-    base-step epoch draws each image about K times, so decoding once removes the costliest part of loading;
-    the rest, and PromptKD's unlabeled set of every training image ("distil", each image once an epoch),
-    are decoded in the loader's workers on every use. Returns ({set: decoded images with None for those
-    streamed, or None}, the line that says so)."""
+    """The run's images before it starts: every training image's header checked and every test image decoded
+    (a broken or truncated file fails now, naming its path), then training images decoded once and kept, in the
+    order of sets, while they fit budget_gb (Pillow holds 4 bytes a pixel): a MAO base-step epoch draws each
+    about K times. The rest, and PromptKD's unlabeled set of every training image ("distil", each image once an
+    epoch), decode in the loader's workers on every use. Returns ({set: images, None where streamed}, a line)."""
     sizes = {k: scan(image_dir, v, threads, desc=f"checking {k} images") for k, v in sets.items()}
     scan(image_dir, test_items, threads, decode=True, desc="decoding test images", keep=[False] * len(test_items))
     used, decoded, budget = 0, {}, budget_gb * 2**30

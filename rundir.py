@@ -55,7 +55,7 @@ def save_atomic(obj, path):
 
 # Flags a resumed run may change: where things are and how fast they run, never what is learned
 SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "resume", "log_every",
-          "cache_gb", "stage", "variant", "download"}
+          "cache_gb", "stage", "variant", "download", "recompute_text"}
 
 
 def settings(args):

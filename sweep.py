@@ -116,7 +116,7 @@ def commands(a, r, extra, st):
     if st in ("train", "done"):
         cmds.append([sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m,
                      "--seed", str(seed), "--shots", str(a.shots), "--root", os.path.abspath(a.root),
-                     "--out", out, "--resume"]  # a run an earlier sweep left unfinished goes on
+                     "--out", out] + ["--resume"] * os.path.isdir(out)  # what an earlier sweep left goes on
                     + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
     if a.protocol == "xd":
         targets = a.targets if st != "eval" else missing_targets(a, r)

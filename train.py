@@ -52,10 +52,11 @@ def main(argv=None):
     with OutputLock(args) as lock:  # a folder holding another run, or in use, is refused first
         seed_everything(args.seed)
         data = load_data(args)  # bad input fails here, nothing written
-        model = load_clip(args.clip, args.device, args.precision)
+        model = load_clip(args.clip, args.device, args.precision, bool(args.recompute_text))
         loaders = Loaders(args, data, model.visual.input_resolution)
         learner = build_model(args, model, data)
-        neighbours = mao_neighbours(args, data)
+        neighbours = class_neighbours(data.base_names, args.topk, bank=args.minilm_bank) if args.method == "mao" \
+            and args.stage in ("both", "base") else None  # Eq. 4: MAO's table, once per run, for its base step
         log = start_output(args, lock, run_notes(args, data, learner))
         meter, t_train = Meter(EncodeCounter(model)), time.time()
         if args.backbone == "zsclip":
@@ -168,13 +169,6 @@ def new_learner(args, model, names, teacher=None):
     layers = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
     return build_learner(args.backbone, model, names, template=args.template,
                          teacher=teacher, **learner_kwargs(args, layers))
-
-
-def mao_neighbours(args, data):
-    """MAO's Eq. (4) table, once per run, when its base step runs (else None)."""
-    if args.method == "mao" and args.stage in ("both", "base"):
-        return class_neighbours(data.base_names, args.topk, bank=args.minilm_bank)  # Eq. 4
-    return None
 
 
 def run_notes(args, data, learner):

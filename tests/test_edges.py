@@ -1,5 +1,6 @@
 """The edges found by trying to break a run: one line naming the file and the fix, nothing half-written."""
 import errno
+import glob
 import json
 import os
 import pathlib
@@ -60,15 +61,13 @@ def test_hidden_folders_are_not_classes_and_an_edited_split_draws_again(tmp_path
 
 
 def test_settings_no_run_can_use_are_refused_with_fixes_that_work(monkeypatch):
-    for c in range(2, 13):
-        for b in range(1, 7):
-            for k in range(2, c):
-                try:
-                    check_settings(c, b, k)
-                except ValueError as e:
-                    for k2, b2 in re.findall(r"--topk (\d+) with --anchors (\d+)", str(e)) + [
-                            (k, b) for b, k in re.findall(r"--anchors (\d+) with --topk (\d+)", str(e))]:
-                        check_settings(c, int(b2), int(k2))  # every suggestion is accepted
+    for c, b, k in [(c, b, k) for c in range(2, 13) for b in range(1, 7) for k in range(2, c)]:
+        try:
+            check_settings(c, b, k)
+        except ValueError as e:
+            for k2, b2 in re.findall(r"--topk (\d+) with --anchors (\d+)", str(e)) + [
+                    (k, b) for b, k in re.findall(r"--anchors (\d+) with --topk (\d+)", str(e))]:
+                check_settings(c, int(b2), int(k2))  # every suggestion is accepted
     for template, match in (("a photo", "needs one {}"), ("{} {}", "needs one {}"), ("a {}.", "coop does not")):
         with pytest.raises(ValueError, match=match):
             config.parse_args(["--template", template, "--device", "cpu"])
@@ -77,7 +76,7 @@ def test_settings_no_run_can_use_are_refused_with_fixes_that_work(monkeypatch):
         load_clip("ViT-B/16")  # no network, no --clip
 
 
-def test_stage_new_and_words_refuse_a_zero_shot_run_resume_names_a_missing_folder(tmp_path, demo_root, tiny_clip_path, capsys):
+def test_stage_new_and_words_refuse_a_zero_shot_run(tmp_path, demo_root, tiny_clip_path, capsys):
     _, out = run_train(tmp_path, demo_root, tiny_clip_path, "--backbone", "zsclip")
     with pytest.raises(ValueError, match="holds no learned prompt"):
         evaluation.prompt_words(out)  # --words on a zero-shot run
@@ -104,8 +103,7 @@ def test_broken_inputs_fail_before_anything_is_written(tmp_path, demo_root, tiny
 
 def test_predict_goes_on_past_an_unreadable_image(tmp_path, demo_root, tiny_clip_path, capsys):
     _, out = run_train(tmp_path, demo_root, tiny_clip_path, "--method", "none", "--epochs", "1")
-    good = os.path.join(demo_root, "demo", "images", os.listdir(os.path.join(demo_root, "demo", "images"))[0])
-    good = os.path.join(good, os.listdir(good)[0])
+    good = sorted(glob.glob(os.path.join(demo_root, "demo", "images", "*", "*")))[0]
     evaluation.main(["--ckpt", out, "--predict", str(tmp_path / "missing.jpg"), good])
     printed = capsys.readouterr().out
     assert "missing.jpg: cannot read image" in printed and f"{good}\n" in printed

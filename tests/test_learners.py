@@ -149,6 +149,12 @@ def test_contract(tiny_clip, name):
     assert out.logits.shape == (4, 3)
     loss = dynamic_candidate_loss(out.logits, targets) + sum(out.losses.values())  # Eq. 6 + its own
     loss.backward()
+    grads, tiny_clip.recompute_text = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, True
+    m.zero_grad()  # --recompute_text: the text tower recomputed in the backward pass, the very same gradients
+    out = m(images, candidates)
+    (dynamic_candidate_loss(out.logits, targets) + sum(out.losses.values())).backward()
+    tiny_clip.recompute_text = False
+    assert all(torch.equal(p.grad, grads[n]) for n, p in m.named_parameters() if p.requires_grad), name
     # 5. gradients reach only the learnable tensors, every one of them
     assert all(p.grad is None for p in tiny_clip.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p.requires_grad), \

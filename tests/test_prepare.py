@@ -18,8 +18,7 @@ import train
 
 @pytest.fixture(scope="module")
 def archive():
-    """dtd-r1.0.1.tar.gz's shape: dtd/images/<class>/<image>.jpg for every image of the shipped split (8x8 JPEGs)
-    and dtd/labels/train1.txt, which torchvision's DTD reads."""
+    """dtd-r1.0.1.tar.gz's shape: every image of the shipped split (8x8 JPEGs), and the list torchvision reads."""
     with open(os.path.join(prepare.SPLITS, "split_zhou_DescribableTextures.json")) as f:
         split = json.load(f)
     jpg, buf = io.BytesIO(), io.BytesIO()
@@ -59,7 +58,7 @@ def site(archive, monkeypatch):
     server.shutdown()
 
 
-def test_prepared_dtd_is_checked_trains_and_is_not_fetched_twice(tmp_path, site, tiny_clip_path):
+def test_dtd_is_prepared_checked_trained_and_not_fetched_twice_by_hand_ones_say_how(tmp_path, site, tiny_clip_path):
     root = str(tmp_path / "data")
     prepare.main(["dtd", "--root", root])
     assert os.listdir(root) == ["dtd"]  # no temporary folder left
@@ -75,10 +74,15 @@ def test_prepared_dtd_is_checked_trains_and_is_not_fetched_twice(tmp_path, site,
     assert rows["imagenet"][0] == "missing" and "licence" in rows["imagenet"][1]
     os.remove(os.path.join(root, "dtd", "images", "banded", "banded_0002.jpg"))
     assert prepare.check("dtd", root)[1].startswith("1 of 5640 images not found, e.g. ")
-    with open(os.path.join(root, "dtd", "split_zhou_DescribableTextures.json"), "a") as f:
+    split = os.path.join(root, "dtd", "split_zhou_DescribableTextures.json")
+    with open(split, "a") as f:
         f.write(" ")
-    assert prepare.check("dtd", root) == ("broken", f"{os.path.join(root, 'dtd', 'split_zhou_DescribableTextures.json')}"
-                                                    " is not the split file this project ships (SHA-256)")
+    assert prepare.check("dtd", root) == ("broken", f"{split} is not the split file this project ships (SHA-256)")
+    root = str(tmp_path / "by_hand")  # a dataset prepared by hand: the steps, then its split beside the images
+    with pytest.raises(ValueError, match="UCF-101-midframes.zip .* then python prepare.py ucf101"):
+        prepare.prepare("ucf101", root)
+    os.makedirs(os.path.join(root, "ucf101", "UCF-101-midframes"))  # the images placed by hand (none here)
+    assert prepare.prepare("ucf101", root) and os.path.isfile(os.path.join(root, "ucf101", "split_zhou_UCF101.json"))
 
 
 @pytest.mark.parametrize("fault", ["checksum", "cut", "archive"])
@@ -95,12 +99,3 @@ def test_a_failed_download_ends_in_one_line_and_leaves_nothing(tmp_path, site, a
         prepare.prepare("dtd", str(root))
     assert "\n" not in str(e.value) and site["requests"] > 0
     assert not root.exists() or os.listdir(root) == []  # neither the final name nor a temporary folder
-
-
-def test_manual_datasets_say_what_to_do_and_get_their_split_files(tmp_path):
-    root = str(tmp_path)
-    with pytest.raises(ValueError, match="UCF-101-midframes.zip .* then python prepare.py ucf101"):
-        prepare.prepare("ucf101", root)
-    os.makedirs(os.path.join(root, "ucf101", "UCF-101-midframes"))  # the images placed by hand (none here)
-    prepare.prepare("ucf101", root)  # then the same command copies the split file
-    assert os.path.isfile(os.path.join(root, "ucf101", "split_zhou_UCF101.json"))

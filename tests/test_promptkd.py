@@ -205,7 +205,8 @@ def test_promptkd_runs_never_read_a_label_and_refuse_a_teacher_that_does_not_fit
                          "--dpc_epochs", "1", *kd[6:])
     monkeypatch.undo()
     assert seen["fallback_high"] == 6 - 1 and seen["released"]  # sple_promptkd.py draws randint(1, C - 1)
-    ck = {f: torch.load(os.path.join(out, f), weights_only=False)["learned"] for f in ("base_prompt.pt", "new_prompt.pt")}
+    ck = {f: torch.load(os.path.join(out, f), weights_only=False)["learned"] for f in ("base_prompt.pt",
+                                                                                        "new_prompt.pt")}
     taught = torch.load(os.path.join(teacher, "prompt.pt"), weights_only=False)["learned"]["text_prompts.0"]
     assert torch.equal(ck["new_prompt.pt"]["text_prompts.0"], taught)  # new classes: stage 1's, the teacher's
     assert not torch.equal(ck["base_prompt.pt"]["text_prompts.0"], taught)  # base classes: trained from fresh
