@@ -2,7 +2,7 @@
 
     python bench.py                        # CoOp, Flowers102's shapes, a ViT-B/16-shaped CLIP
     python bench.py --backbone all         # every learner
-    python bench.py --dataset dtd --repeats 5
+    python bench.py --classes 51,500 --recompute_text   # time and memory against the class count
     python bench.py --quick                # a tiny CLIP and 2 repeats: a smoke run in seconds
     python bench.py --clip ViT-B/16        # real weights (the default on a GPU, when they load)
 
@@ -19,8 +19,7 @@ and, per learner, inference images/s (MAO and DPC leave the network unchanged; o
 Times: median (min-max) over --repeats runs after a warm-up, the lines interleaved so drift hits all
 alike; ratios to the plain step are taken run by run. Peak memory: CUDA max_memory_allocated; on a CPU the
 torch profiler's allocation events give the step's own peak, added to the bytes of the live tensors.
-Figures go to bench.json and bench.md. A whole run measures its own cost (results.json "cost": encodings,
-seconds and the seconds spent waiting for data, per phase); docs/cost.md keeps earlier measurements.
+Figures go to bench.json and bench.md; a whole run records its own cost per phase (results.json "cost").
 """
 import argparse
 import collections
@@ -144,7 +143,7 @@ def step_lines(backbone, model, a, device):
     kw.update({k: cfg[k] for k in ("text_weight", "image_weight", "kg_weight") if k in cfg})
     kw["depth"] = min(kw["depth"], len(model.transformer.resblocks))
     B, R, g = a.anchors * a.topk, model.visual.input_resolution, torch.Generator().manual_seed(0)
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype  # CLIP's own: conv1's (fp16 when converted; LayerNorms stay fp32)
     images = torch.randn(B, 3, R, R, generator=g).to(device, dtype)
     labels = torch.randperm(a.base_classes, generator=g)[:B].to(device)  # a hard-negative batch
     make = lambda names: build_learner(backbone, model, names, **kw)
@@ -260,8 +259,8 @@ def markdown(res):
 
 
 def what_fits(paths):
-    """Peak tensor memory (GB) of each step per dataset (its base classes), derived: a least-squares line through the
-    fp32 runs of each learner and step (--recompute_text apart), times the fp16 / fp32 ratio an fp16 run measured."""
+    """Peak tensor GB of each step per dataset (its base classes), derived: a least-squares line through a step's
+    fp32 runs at 2+ class counts (recomputed apart), times the fp16 / fp32 ratio an fp16 run measured."""
     runs = [(j["header"]["dtype"], j["header"].get("recompute_text"), r) for j in map(read_json, paths)
             for r in j["backbones"]]
     fp16 = {(r["backbone"], k, r["classes"]): L["peak_mb"] for d, _, r in runs if d == "float16"
@@ -271,7 +270,9 @@ def what_fits(paths):
     rows = []
     for b, k, rc in dict.fromkeys(key[:3] for key in ref):
         cs, ms = zip(*[(c, m) for (b2, k2, rc2, c), m in ref.items() if (b2, k2, rc2) == (b, k, rc)])
-        slope = statistics.linear_regression(cs, ms).slope if len(set(cs)) > 1 else 0.0
+        if len(set(cs)) < 2:  # one class count: no line to derive from
+            continue
+        slope = statistics.linear_regression(cs, ms).slope
         at = lambda c: statistics.mean(ms) + slope * (c - statistics.mean(cs))  # MB at c base classes
         ratio = next((m / ref[b, k, False, c] for (b2, k2, c), m in fp16.items() if (b2, k2) == (b, k)
                       and (b, k, False, c) in ref), None)
@@ -369,7 +370,7 @@ def main(argv=None):
     header = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), clip=name,
                   cpu=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   (platform.processor() or platform.machine()),
-                  dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dataset=a.dataset,
+                  dtype=str(model.dtype).replace("torch.", ""), dataset=a.dataset,
                   classes=",".join(map(str, counts)), anchors=a.anchors, topk=a.topk, recompute_text=a.recompute_text,
                   images_per_step=a.anchors * a.topk, repeats=a.repeats, new_epochs=a.new_epochs,
                   memory_note="torch.cuda.max_memory_allocated" if device.type == "cuda" else
