@@ -70,6 +70,14 @@ def run_train(tmp_path, demo_root, clip_path, *extra):
     return train.main(argv), out
 
 
+def near(a, b, rel=1e-6):
+    """a is b up to float rounding: every entry within rel of b's largest (tensors, or lists of them taken as one,
+    e.g. all gradients: a gradient that is 0 in exact arithmetic is pure rounding). For two computations that are
+    not the same kernels on the same shapes, whose last bits differ between CPUs (AVX2 / AVX-512), thread counts."""
+    a, b = (torch.cat([x.flatten() for x in t]) if isinstance(t, (list, tuple)) else t for t in (a, b))
+    return bool((a - b).abs().max() <= rel * b.abs().max())
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same random state, so a pass is not luck."""

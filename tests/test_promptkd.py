@@ -15,7 +15,7 @@ import eval as evaluation
 import rundir
 import train
 from clip_prompt import PromptKD, build_learner, phrase_context
-from conftest import run_train
+from conftest import near, run_train
 from dpc import DualPrompt, ImageTextRanking, stage2_loss
 from losses import dynamic_candidate_loss, dynamic_candidates
 from test_dept import perturbed, released_deep_image, released_deep_text
@@ -109,12 +109,14 @@ def test_dpc_stage2_on_promptkd_from_the_intended_and_the_released_start(tiny_cl
     loss, parts = stage2_loss(dual, images, labels, backbone_losses=False)
     ref.backward()
     loss.backward()
-    assert torch.equal(loss, ref) and set(parts) == {"l_cl"}
-    assert torch.equal(dual.stored["text_ctx"].grad, M.grad)
-    for n in t:  # the vision prompts and the projector: trained directly, as released
-        assert torch.equal(dual.stored[n.replace(".", "__")].grad, t[n].grad), n
+    # the released text path (a one-hot [EOS] pick, every class then the rows) runs other kernels: equal to rounding.
+    # Gradients as one vector: the bias before BatchNorm has a gradient of 0, up to rounding
+    assert near(loss, ref) and set(parts) == {"l_cl"}
+    ours = [dual.stored["text_ctx"].grad] + [dual.stored[n.replace(".", "__")].grad for n in t]  # the vision
+    refs = [M.grad] + [t[n].grad for n in t]  # prompts and the projector: trained directly, as released
     if released:  # the text encoder's deep prompt trains too
-        assert torch.equal(dual.stored["text_prompts__0"].grad, deep_text[0].grad)
+        ours, refs = ours + [dual.stored["text_prompts__0"].grad], refs + [deep_text[0].grad]
+    assert near(ours, refs, rel=1e-5)  # 1e-6 in the loss grows through both towers (over 1e-6 here without AVX)
 
 
 def test_dhno_ranks_with_p_or_with_the_teacher_trained_or_as_released(tiny_clip, teacher):
