@@ -81,8 +81,11 @@ def _layout_help(name, root):
              "wnid_folders": "classnames.txt (a copy of ImageNet's)",
              "split_folder.json": "one folder of images per class"}.get(spec["split"],
                                                                           spec["split"])
+    fetch = "" if name in ("demo", "folder") or name in TEST_ONLY else (
+        f" Fetch and lay it out with python prepare.py {name} --root {root} (or add --download to train.py); "
+        f"where no download can be automated it says what to fetch by hand.")
     return (f"Expected the CoOp layout for '{name}': images under "
-            f"{os.path.join(d, spec['images'])}/ and {files} in {d}/ (docs/reproduce.md, 'Datasets').")
+            f"{os.path.join(d, spec['images'])}/ and {files} in {d}/ (docs/reproduce.md, 'Datasets').{fetch}")
 
 
 def _need(path, name, root, what=""):
@@ -203,18 +206,34 @@ def read_splits(name, root):
     return splits, image_dir
 
 
+def _imagenet_source(ddir, image_dir):
+    """What ImageNet's listing is built from: classnames.txt's bytes and every class folder's modification time
+    (adding or removing an image changes its folder's), so a cached listing is used only while they stand."""
+    h = hashlib.sha256(pathlib.Path(ddir, "classnames.txt").read_bytes())
+    for s in ("train", "val"):
+        with os.scandir(os.path.join(image_dir, s)) as it:
+            h.update(repr(sorted((e.name, e.stat().st_mtime_ns) for e in it)).encode())
+    return h.hexdigest()
+
+
 def _read_imagenet(ddir, image_dir, root):
-    """ImageNet from folders; the slow listing cached in preprocessed.pkl, as CoOp does."""
-    cache = os.path.join(ddir, "preprocessed.pkl")
-    if os.path.isfile(cache):
-        with open(cache, "rb") as f:
-            obj = pickle.load(f)
-        if isinstance(obj, dict) and obj.get("train") and isinstance(obj["train"][0], tuple):
-            return {"train": obj["train"], "val": obj["test"], "test": obj["test"]}
+    """ImageNet from folders; the slow listing cached in preprocessed.pkl, as CoOp does, keyed on what it
+    was listed from (_imagenet_source): a replaced classnames.txt or an added image lists again."""
     for p in ("classnames.txt", os.path.join(os.path.basename(image_dir), "train"),
               os.path.join(os.path.basename(image_dir), "val")):
         _need(os.path.join(ddir, p), "imagenet", root)
     names = read_classnames(os.path.join(ddir, "classnames.txt"))
+    twice = sorted({n for n in names.values() if list(names.values()).count(n) > 1})
+    if twice:  # the WordNet names (splits/imagenet) have crane and maillot twice: one prompt for two classes
+        print(f"note: {os.path.join(ddir, 'classnames.txt')} names two classes each {', '.join(twice)}: their "
+              f"prompts are identical, so CLIP cannot tell them apart (the first always wins). CoOp's classnames.txt "
+              f"(CLIP's names, from its Google Drive) names every class apart: put it there for the paper's numbers")
+    cache, source = os.path.join(ddir, "preprocessed.pkl"), _imagenet_source(ddir, image_dir)
+    if os.path.isfile(cache):
+        with open(cache, "rb") as f:
+            obj = pickle.load(f)
+        if isinstance(obj, dict) and obj.get("source") == source:
+            return {"train": obj["train"], "val": obj["test"], "test": obj["test"]}
     wnids = sorted(os.listdir(os.path.join(image_dir, "train")))  # label: index in the sorted list
     out = {}
     for s in ("train", "val"):
@@ -222,7 +241,7 @@ def _read_imagenet(ddir, image_dir, root):
         out[s] = [(f"{s}/{w}/{f}", y, names[w]) for y, w in enumerate(tqdm(wnids, f"listing {s}", leave=False,
                                                                               disable=None))
                   for f in _list_images(os.path.join(image_dir, s, w))]
-    _atomic_pickle({"train": out["train"], "test": out["val"]}, cache)
+    _atomic_pickle({"train": out["train"], "test": out["val"], "source": source}, cache)
     return {"train": out["train"], "val": out["val"], "test": out["val"]}
 
 

@@ -11,17 +11,20 @@ and verified, and the folder takes its final name last: a failed or interrupted 
 Where nothing can be automated (ImageNet's licence, UCF101's mid-frames on Google Drive, Stanford Cars' dead
 link) it says what to download by hand and where to put it; then the same command adds the split files."""
 import argparse
+import glob
 import hashlib
 import os
 import pathlib
 import shutil
+import socket
 import sys
+import urllib.error
 
 import torchvision.datasets as tv
 
 from data import BASE_TO_NEW, DATASETS, dataset_spec, read_image, read_splits
 from demo import make_demo
-from rundir import error_line
+from rundir import error_line, write_whole
 
 SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 # dataset: torchvision's downloader, the folder of its download holding the images, and their folder in the
@@ -49,15 +52,46 @@ def shipped(name):
     return {p: h for p, h in sums.items() if p == DATASETS[name]["split"] or p.startswith(name + "/")}
 
 
-def place_splits(name, folder):
-    """Copy the shipped files a dataset lacks into its folder; refuse any that differ from the shipped ones."""
+def altered_split(name, folder):
+    """The first file of the shipped split that is in the dataset's folder but not byte for byte the shipped one
+    (SHA-256), or None. A CoOp classnames.txt (CLIP's names) is welcome in place of the shipped WordNet one."""
     for rel, h in shipped(name).items():
+        there = os.path.join(folder, os.path.basename(rel))
+        if os.path.isfile(there) and not rel.endswith("classnames.txt") and sha256(there) != h:
+            return there
+    return None
+
+
+def verify_split(name, root):
+    """Refuse a split file that is not the published one: every run checks it, as its numbers depend on it."""
+    if name in ("demo", "folder") or not shipped(name):
+        return
+    bad = altered_split(name, os.path.join(root, DATASETS[name]["folder"]))
+    if bad:
+        raise ValueError(f"{bad} differs from the published split this project ships (splits/SHA256SUMS): results "
+                         f"on it are not the benchmark's. Remove it and run python prepare.py {name} --root {root} "
+                         f"(or train on your own split with --dataset folder)")
+
+
+def place_splits(name, folder):
+    """Copy the shipped files a dataset lacks into its folder, each whole; refuse any that differ from them."""
+    for rel in shipped(name):
         dest = os.path.join(folder, os.path.basename(rel))
-        if not os.path.isfile(dest):
-            shutil.copyfile(os.path.join(SPLITS, rel), dest)
-        if sha256(dest) != h and not rel.endswith("classnames.txt"):  # CoOp's CLIP-named one is welcome
-            raise ValueError(f"{dest} differs from the split file this project ships (SHA-256 {h[:12]}...): "
-                             f"remove it and run python prepare.py {name} again")
+        if not os.path.isfile(dest):  # whole or not at all: a kill mid-copy leaves no short file to pass as ready
+            write_whole(dest, lambda tmp: shutil.copyfile(os.path.join(SPLITS, rel), tmp))
+    bad = altered_split(name, folder)
+    if bad:
+        raise ValueError(f"{bad} differs from the split file this project ships (splits/SHA256SUMS): remove it and "
+                         f"run python prepare.py {name} again")
+
+
+def offline(e):
+    """True when an error (or what caused it) is the network's: no route, no name lookup, a refused connection."""
+    while e is not None:
+        if isinstance(e, (urllib.error.URLError, ConnectionError, socket.gaierror, socket.timeout)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def prepare(name, root):
@@ -69,6 +103,9 @@ def prepare(name, root):
         print(f"writing the synthetic demo dataset to {make_demo(root)}")
     if name not in AUTO and not os.path.isdir(final) and name in BY_HAND:
         raise ValueError(BY_HAND[name].format(dir=final) + f"; then python prepare.py {name} --root {root}")
+    for stale in glob.glob(f"{final}.tmp*"):  # what a killed preparation left (its process is gone)
+        if not os.path.isdir(f"/proc/{stale.rsplit('.tmp', 1)[1]}"):
+            shutil.rmtree(stale, ignore_errors=True)
     if name in AUTO and not os.path.isdir(final):
         downloader, images, dest = AUTO[name]
         tmp = f"{final}.tmp{os.getpid()}"
@@ -79,8 +116,10 @@ def prepare(name, root):
             place_splits(name, os.path.join(tmp, "dataset"))
             os.rename(os.path.join(tmp, "dataset"), final)  # the final name, last
         except Exception as e:  # a wrong checksum, a cut download, a broken archive: one line, nothing kept
+            cause = ("its download site could not be reached: this machine has no network connection (prepare it "
+                     f"where there is one and copy {final} here)" if offline(e) else "run the same command again")
             raise ValueError(f"preparing {name} failed ({type(e).__name__}: {error_line(e)}); nothing was "
-                             f"written to {final}: run the same command again") from None
+                             f"written to {final}: {cause}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"{name}: laid out in {final}")
@@ -97,12 +136,10 @@ def check(name, root):
     final = os.path.join(root, DATASETS[name]["folder"])
     if not os.path.isdir(final):
         how = f"python prepare.py {name} --root {root}"
-        return "missing", how if name in AUTO else BY_HAND[name].format(dir=final) + f"; then {how}"
+        return "missing", how if name not in BY_HAND else BY_HAND[name].format(dir=final) + f"; then {how}"
     try:
-        for rel, h in shipped(name).items():  # a file that is there must be the shipped one
-            there = os.path.join(final, os.path.basename(rel))
-            if os.path.isfile(there) and sha256(there) != h and not rel.endswith("classnames.txt"):
-                return "broken", f"{there} is not the split file this project ships (SHA-256)"
+        if altered_split(name, final):  # a file that is there must be the shipped one
+            return "broken", f"{altered_split(name, final)} is not the split file this project ships (SHA-256)"
         split = os.path.join(final, DATASETS[name]["split"])
         if split.endswith(".json") and not os.path.isfile(split):
             return "broken", f"{split} not found: download it from {COOP}"
@@ -115,6 +152,8 @@ def check(name, root):
             read_image(os.path.join(image_dir, split[0][0]))
     except (OSError, ValueError) as e:
         return "broken", error_line(e)
+    if not items:  # empty image folders: nothing to train or test on
+        return "broken", f"{final} lists no images: put the images in place ({os.path.join(final, '...')})"
     n = len({y for _, y, _ in items})
     return "ready", f"{n} classes; train / val / test {' / '.join(str(len(s)) for s in splits.values())} images"
 
@@ -123,20 +162,33 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("datasets", nargs="?", help=f"comma list of {', '.join(BASE_TO_NEW)}, or all")
     ap.add_argument("--root", default="data", help="the folder of the datasets (train.py's --root)")
-    ap.add_argument("--check", action="store_true", help="report every benchmark dataset under --root")
+    ap.add_argument("--check", action="store_true", help="report these datasets (default: every benchmark one)")
     a = ap.parse_args(argv)
+    names = BASE_TO_NEW if a.datasets in (None, "all") else [dataset_spec(n)[0] for n in a.datasets.split(",")]
     if a.check or not a.datasets:
-        rows = {name: check(name, a.root) for name in BASE_TO_NEW}
+        rows = {name: check(name, a.root) for name in names}
         for name, (status, what) in rows.items():
             print(f"{name:15} {status:8} {what}")
         return rows
-    for name in BASE_TO_NEW if a.datasets == "all" else a.datasets.split(","):
-        print(f"{name}: {prepare(name, a.root)}")
-    return None
+    left = {}  # all: every automatic dataset prepared, what needs a hand listed at the end
+    for name in names:
+        try:
+            print(f"{name}: {prepare(name, a.root)}")
+        except ValueError as e:
+            if len(names) == 1:
+                raise
+            left[name] = error_line(e)
+            print(f"{name}: not prepared (listed at the end)")
+    for name, why in left.items():
+        print(f"{name:15} {why}")
+    return {name: ("missing", why) for name, why in left.items()}
 
 
 if __name__ == "__main__":
     try:
-        main()
+        rows = main()
     except (OSError, ValueError) as e:
         sys.exit(f"error: {error_line(e)}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: no dataset folder was left half-prepared; run the same command again")
+    sys.exit(1 if any(status != "ready" for status, _ in rows.values()) else 0)
