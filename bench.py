@@ -357,6 +357,8 @@ def main(argv=None):
     if set(backbones) - set(LEARNERS) or a.dataset not in CLASSES:
         ap.error(f"choose --backbone from {', '.join(LEARNERS)} or all, --dataset from {', '.join(CLASSES)}")
     n, a.lines = CLASSES[a.dataset], ["plain"] + a.lines.split(",")
+    if a.classes and not all(c.isdigit() for c in a.classes.split(",")):
+        ap.error(f"--classes {a.classes}: class counts, e.g. 51,500")
     counts = [int(c) for c in a.classes.split(",")] if a.classes else [(n + 1) // 2]
     preset = dict(DEFAULTS, **DATASET_PRESETS.get(a.dataset, {}))
     a.anchors, a.topk = preset["anchors"], preset["topk"]

@@ -58,7 +58,12 @@ def load_clip(name, device="cpu", precision="auto", recompute_text=False):
     checkpoint path. precision 'fp16' (the paper's, on a GPU): CLIP's own fp16 layout (convert_weights:
     matmul and conv weights fp16, LayerNorms fp32) on any device; 'fp32', or 'auto' on a CPU: fp32.
     recompute_text: its text tower recomputes each block in the backward pass (same gradients, less memory)."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: this code runs on cpu or cuda (auto, cpu, cuda, cuda:1, ...)")
     if not os.path.isfile(name) and name not in clip.available_models():
         raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()}")
     try:

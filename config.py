@@ -176,6 +176,14 @@ def check_ranges(args):
         raise ValueError(f"--omega_b {args.omega_b} / --omega_n {args.omega_n}: DPC's weights lie in [0, 1]")
 
 
+def well_formed(template):
+    """One {} for the class name, and nothing else str.format would read."""
+    try:
+        return template.count("{}") == 1 and bool(template.format("x"))
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
 def setting_changes(args, preset):
     """{flag: value} of every setting away from the paper's (the preset, else the default)."""
     paper = dict(preset, shots=16, new_shots=args.shots, stage=PARSER.get_default("stage"))
@@ -213,8 +221,9 @@ def parse_args(argv=None):
     if args.backbone != "promptkd" and any(getattr(args, k) == v for k, v in RELEASED_KD.items()):
         raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in RELEASED_KD.items())}: released PromptKD+DPC "
                          f"behaviours; only --backbone promptkd has them")
-    if args.template is not None and args.template.count("{}") != 1:
-        raise ValueError(f"--template {args.template!r} needs one {{}} where the class name goes: 'a photo of a {{}}.'")
+    if args.template is not None and not well_formed(args.template):
+        raise ValueError(f"--template {args.template!r} needs one {{}} where the class name goes and no other brace "
+                         f"(write {{{{ or }}}} for a literal one): 'a photo of a {{}}.'")
     if args.template is not None and args.backbone not in ("zsclip", "kgcoop"):
         raise ValueError(f"--template sets zero-shot CLIP's prompt and KgCoOp's frozen targets; {args.backbone} "
                          f"does not use it (its prompt is learned): leave it out")
@@ -247,6 +256,12 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.best_val and args.dataset == "imagenet":
+        raise ValueError("--best_val 1: CoOp's ImageNet has no val split apart from its test split, so the epoch "
+                         "would be chosen on the test images: leave it out (--best_val 0)")
+    if args.best_val and args.method in ("mao", "dept"):
+        raise ValueError(f"--best_val 1 keeps the backbone's best epoch (alone, or DPC's stage 1); --method "
+                         f"{args.method} trains its whole budget and keeps the last: leave it out")
     args.new_shots = args.new_shots or args.shots
     args.template = args.template or DATASETS[args.dataset]["template"]
     if args.distinct_anchors is None:

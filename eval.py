@@ -35,6 +35,9 @@ def accuracy(learner, loader, device, desc="eval"):
     correct = total = 0
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         logits = class_logits(learner, images.to(device), texts)  # (B, C)
+        if not logits.isfinite().all():  # a diverged prompt: its argmax would be a silent chance-level score
+            raise FloatingPointError(f"{desc}: the prompt gives non-finite scores (it diverged in training): train "
+                                     f"again into another --out with a smaller --lr")
         correct += (logits.argmax(-1).cpu() == labels).sum().item()
         total += len(labels)
     return 100.0 * correct / max(total, 1)
@@ -139,8 +142,8 @@ def _setup(ckpt, overrides):
     device = a.get("device") or "auto"
     if device == "auto" or (device.startswith("cuda") and not torch.cuda.is_available()):
         device = "cuda" if torch.cuda.is_available() else "cpu"  # GPU-trained prompts run here too
+    model = load_clip(a["clip"], device, a.get("precision", "auto"))  # an unknown device is refused there
     device = torch.device(device)
-    model = load_clip(a["clip"], device, a.get("precision", "auto"))
     return model, build_transforms(model.visual.input_resolution)[1], device, a
 
 
@@ -359,6 +362,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror
                  else f"error: {error_line(e)}")

@@ -103,6 +103,11 @@ def load_runs(root, warnings=None):
         r = _read_json(path, warnings)
         if not isinstance(r, dict):
             continue
+        odd = [k for k in ("base", "new", "hm", "all", "train_seconds") if r.get(k) is not None and (
+            isinstance(r[k], bool) or not isinstance(r[k], (int, float)))]
+        if odd:  # an edited or foreign file: skipped with a word, never averaged
+            warnings.append(f"skipped {path}: {', '.join(f'{k} is {r[k]!r}' for k in odd)}, not a number")
+            continue
         r["dir"] = os.path.dirname(path)
         r.setdefault("protocol", "b2n")
         r["tag"] = variant_tag(r.get("variant"))
@@ -558,9 +563,10 @@ def plot_sweep(rows, param, path):
 
 def plot(root, seeds=None):
     """Write fig3_hm.png and, where a sweep was run, fig4_topk.png / fig4_new_shots.png into root."""
-    runs = load_runs(root)
+    runs = load_runs(root, warnings := [])
     if not runs:
-        raise FileNotFoundError(f"no results.json under {root} (train.py writes one per finished run)")
+        raise FileNotFoundError(f"no results.json under {root} (train.py writes one per finished run)"
+                                + "".join(f"; {w}" for w in warnings))
     rows = b2n_rows(runs, seeds)
     paths = [plot_hm_bars(rows, os.path.join(root, "fig3_hm.png"))]
     paths += [plot_sweep(rows, p, os.path.join(root, f"fig4_{p}.png")) for p in SWEEPS]

@@ -58,6 +58,9 @@ SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "r
           "cache_gb", "stage", "variant", "download", "recompute_text"}
 
 
+NEW_STEP = {"new_shots", "new_batch_size", "pseudo_labeler", "pseudo_label_every"}  # MAO's new step's own
+
+
 def settings(args):
     """What shapes training: a resumed run must have the same."""
     return {k: v for k, v in vars(args).items() if k not in SYSTEM}
@@ -118,7 +121,15 @@ class OutputLock:
             if finished:
                 print(f"{args.out} holds a finished run: its stages are complete, so only evaluation runs again")
         elif args.stage == "new" and (before.get("method"), before.get("stage")) == ("mao", "base"):
-            pass  # --stage new continues a MAO --stage base run in the same folder, and only that
+            # --stage new continues a MAO --stage base run in the same folder, and only with its settings: else
+            # results.json would claim settings its base prompt never had. The new step's own may differ.
+            new = json.loads(json.dumps(settings(args)))
+            differ = [f"--{k} {before.get(k)} (now {new.get(k)})" for k in sorted(set(new) | set(before) - SYSTEM)
+                      if k not in NEW_STEP and before.get(k) != new.get(k)]
+            if differ:
+                raise ValueError(f"--stage new: {args.out} holds a base step trained with other settings: "
+                                 f"{', '.join(differ)}. Run it with that step's flags (args.json there), or train "
+                                 f"both steps into another --out")
         elif finished or ckpts or before:
             what = "a finished run (results.json)" if finished else "a partial run"
             raise ValueError(f"--out {args.out} holds {what}: add --resume to "

@@ -19,8 +19,13 @@ import subprocess
 import sys
 import time
 
-from data import BASE_TO_NEW
+from clip_prompt import BACKBONES
+from config import NOT_SETTINGS, PARSER
+from data import BASE_TO_NEW, dataset_spec
 from eval import parse_targets
+
+
+METHODS = next(x.choices for x in PARSER._actions if x.dest == "method")
 
 
 def run_list(a):
@@ -74,12 +79,26 @@ def main(argv=None):
     a.datasets = BASE_TO_NEW if a.datasets == "all" else a.datasets.split(",")
     a.backbones, a.methods = a.backbones.split(","), a.methods.split(",")
     if a.protocol == "xd":
-        a.targets = parse_targets(a.targets)
         if "zsclip" in a.backbones:
             print("--protocol xd: zero-shot CLIP has no prompt to transfer; skipping zsclip")
             a.backbones.remove("zsclip")
-    a.seeds = [int(s) for s in a.seeds.split(",")]
-    i, n = (int(x) for x in a.slice.split("/"))
+    changes = [f for f in extra if f.startswith("--") and f[2:].split("=")[0] not in NOT_SETTINGS]
+    if changes and not a.out_suffix:  # else an ablation lands in the paper run's folder and passes for it
+        ap.error(f"{' '.join(changes)} after -- change what the runs learn: add --out_suffix NAME (e.g. "
+                 f"--out_suffix {changes[0][2:].split('=')[0]}) so they get folders of their own, apart from the "
+                 f"paper setting's")
+    try:
+        a.seeds = [int(s) for s in a.seeds.split(",")]
+        i, n = (int(x) for x in a.slice.split("/"))
+        if a.protocol == "xd":
+            a.targets = parse_targets(a.targets)
+        a.datasets = [dataset_spec(d)[0] for d in a.datasets]
+        wrong = [x for x in a.backbones if x not in BACKBONES] + [x for x in a.methods if x not in METHODS]
+        if wrong:
+            raise ValueError(f"unknown {', '.join(wrong)}: backbones are {', '.join(BACKBONES)}; methods "
+                             f"{', '.join(METHODS)}")
+    except ValueError as e:  # --seeds 1,x, --slice 1, an unknown target: the usage line, not a traceback
+        ap.error(f"{e} (the forms: --seeds 1,2,3 --slice i/n --datasets dtd,eurosat --targets xd,dg)")
     if not 0 <= i < n:
         ap.error(f"--slice {a.slice}: needs 0 <= i < n")
     runs = run_list(a)[i::n]

@@ -35,7 +35,7 @@ from dept import DePT, dept_loss
 from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
 from eval import accuracy, evaluate_run, load_checkpoint, load_teacher, test_loader
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, gpa_weights, pseudo_label_loss
-from prepare import prepare
+from prepare import prepare, verify_split
 from pseudolabel import PseudoLabeler, hidden_label_agreement, pseudo_label_quality
 from rundir import Meter, OutputLock, failure_line, finish, memory_gb, save_atomic, settings, start_output
 from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
@@ -83,6 +83,7 @@ def load_data(args):
     image is checked now, so a broken one stops the run before anything is written (load_images)."""
     if args.download or args.dataset == "demo":
         prepare(args.dataset, args.root)  # fetched and laid out (the demo: written), unless it is there
+    verify_split(args.dataset, args.root)  # the published split, byte for byte, or no run
     splits, image_dir = fewshot_splits(args.dataset, args.root, args.shots, args.seed)
     if args.subsample == "all":  # a cross-dataset source: all classes
         base, base_names = subsample_classes(splits, "all")
@@ -96,6 +97,9 @@ def load_data(args):
         if not new_names or not new["test"]:
             raise ValueError(f"{args.dataset} has no new classes / new test images to evaluate (needs >= 2 "
                              f"classes)")
+    if args.best_val and not base["val"]:
+        raise ValueError(f"--best_val 1 chooses the epoch on the val split's base classes, and {args.dataset} has "
+                         f"none: leave it out (--best_val 0) to keep the last epoch")
     if not base["train"]:
         raise ValueError(f"{args.dataset} has no training images (a test-only dataset is an evaluation "
                          f"target: python eval.py --ckpt RUN --datasets {args.dataset})")
@@ -424,6 +428,9 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
                 log.scalars(stage, epoch * n_it + it + 1, dict(avg, loss=loss.item(), lr=lr))  # TensorBoard
             t_wait = time.time()
         state = learner.learned_state()
+        if not all(v.isfinite().all() for v in state.values() if v.is_floating_point()):  # the last step diverged
+            raise FloatingPointError(f"[{stage}] the learned tensors are not finite after epoch {epoch + 1}: train "
+                                     f"again into another --out with a smaller --lr (now {lr:g}) or fp32")
         if weights is not None:  # GPA: per epoch, in fp32
             gpa = {k: (0 if gpa is None else gpa[k]) + weights[epoch] * v.float() for k, v in state.items()}
         if select is not None:
