@@ -142,7 +142,7 @@ def step_lines(backbone, model, a, device):
     kw = {k: cfg[k] for k in ("n_ctx", "ctx_init", "n_vis", "depth") if k in cfg}
     kw.update({k: cfg[k] for k in ("text_weight", "image_weight", "kg_weight") if k in cfg})
     kw["depth"] = min(kw["depth"], len(model.transformer.resblocks))
-    B, R, g = a.anchors * a.topk, model.visual.input_resolution, torch.Generator().manual_seed(0)
+    B, R, g = a.batch or a.anchors * a.topk, model.visual.input_resolution, torch.Generator().manual_seed(0)
     dtype = model.dtype  # CLIP's own: conv1's (fp16 when converted; LayerNorms stay fp32)
     images = torch.randn(B, 3, R, R, generator=g).to(device, dtype)
     labels = torch.randperm(a.base_classes, generator=g)[:B].to(device)  # a hard-negative batch
@@ -198,6 +198,8 @@ def step_lines(backbone, model, a, device):
     lines = dict(plain=plain, mao_base=mao_base, mao_new=mao_new, mao_new_once=mao_new_once, dpc=dpc,
                  dept=dept_step, label=lambda: labeler(images), rank=lambda: infer(dual.learner, a.anchors),
                  infer=infer)
+    if backbone == "promptsrc":  # its frozen 60-template text target over the C_b classes, built on its own
+        lines["target"] = lambda: (learner.set_classnames(learner.classnames), learner.text_target)
     for m in (learner, learner_new, dual, dept):
         m.train()
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -223,8 +225,10 @@ def bench_backbone(backbone, model, a, device, log):
         times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
     if "rank" in times:
         times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
-    res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"],
-               images_per_step=a.anchors * a.topk, lines={})
+    res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"], lines={},
+               images_per_step=a.batch or a.anchors * a.topk, text="77" if model.full_text else "prompt")
+    if "target" in times:
+        res["target_s"] = stats(times.pop("target"))
     plain_peak = peak_bytes(lines["plain"], device)
     for k in [k for k in LINES if k in lines]:
         peak = plain_peak if k == "plain" else peak_bytes(lines[k], device)
@@ -232,7 +236,7 @@ def bench_backbone(backbone, model, a, device, log):
         res["lines"][k] = dict(params=params[k], step_s=stats(times[k]), ratio_time=ratio,
                                peak_mb=(live + peak) / 2**20, ratio_memory=(live + peak) / (live + plain_peak))
     if "infer" in times:
-        res["infer_images_per_s"] = stats([a.anchors * a.topk / t for t in times["infer"]])
+        res["infer_images_per_s"] = stats([res["images_per_step"] / t for t in times["infer"]])
     return res
 
 
@@ -245,15 +249,19 @@ def markdown(res):
     for r in res["backbones"]:
         for k, L in r["lines"].items():
             infer = f"{r['infer_images_per_s']['median']:.1f}" if "infer_images_per_s" in r else "-"
-            rows.append([r["backbone"], r["classes"], LINES[k], f"{L['params']:,}", f"{L['peak_mb']:.1f}",
-                         f"{L['ratio_memory']:.3f}x", fmt(L["step_s"]), fmt(L["ratio_time"]) + "x",
-                         infer if k == "plain" else "same network"])
+            rows.append([r["backbone"], r["classes"], r.get("text", "77"), r["images_per_step"], LINES[k],
+                         f"{L['params']:,}", f"{L['peak_mb']:.1f}", f"{L['ratio_memory']:.3f}x", fmt(L["step_s"]),
+                         fmt(L["ratio_time"]) + "x", infer if k == "plain" else "same network"])
+        if "target_s" in r:
+            rows.append([r["backbone"], r["classes"], r["text"], "", "frozen text target (60 templates)", "", "",
+                         "", fmt(r["target_s"]), "", ""])
     head = (f"Device {h['device']} ({h['cpu']}), torch {h['torch']}, {h['threads']} threads, CLIP {h['clip']} "
             f"({h['dtype']}); {h['dataset']} shapes: C_b = C_n = {h['classes']} classes, "
             f"b = {h['anchors']}, K = {h['topk']}, {h['images_per_step']} images per step; labels once "
             f"amortised over {h['new_epochs']} epochs; {h['repeats']} runs after a warm-up. Memory: "
             f"{h['memory_note']}.")
-    table = md_table(["learner", "C_b", "step", "learnable params", "peak memory MB", "memory x plain",
+    table = md_table(["learner", "C_b", "text positions", "images", "step", "learnable params", "peak memory MB",
+                      "memory x plain",
                       "time per step s, median (min-max)", "time x plain", "inference images/s"], rows)
     return "\n\n".join([head, table, PAPER_TABLE3])
 
@@ -261,24 +269,25 @@ def markdown(res):
 def what_fits(paths):
     """Peak tensor GB of each step per dataset (its base classes), derived: a least-squares line through a step's
     fp32 runs at 2+ class counts (recomputed apart), times the fp16 / fp32 ratio an fp16 run measured."""
-    runs = [(j["header"]["dtype"], j["header"].get("recompute_text"), r) for j in map(read_json, paths)
-            for r in j["backbones"]]
-    fp16 = {(r["backbone"], k, r["classes"]): L["peak_mb"] for d, _, r in runs if d == "float16"
+    runs = [(j["header"]["dtype"], (bool(j["header"].get("recompute_text")), r.get("text", "77")), r)
+            for j in map(read_json, paths) for r in j["backbones"]]
+    fp16 = {(r["backbone"], k, path[1], r["classes"]): L["peak_mb"] for d, path, r in runs if d == "float16"
             for k, L in r["lines"].items()}
-    ref = {(r["backbone"], k, bool(rc), r["classes"]): L["peak_mb"] for d, rc, r in runs if d == "float32"
+    ref = {(r["backbone"], k, path, r["classes"]): L["peak_mb"] for d, path, r in runs if d == "float32"
            for k, L in r["lines"].items()}
     rows = []
-    for b, k, rc in dict.fromkeys(key[:3] for key in ref):
-        cs, ms = zip(*[(c, m) for (b2, k2, rc2, c), m in ref.items() if (b2, k2, rc2) == (b, k, rc)])
+    for b, k, (rc, text) in dict.fromkeys(key[:3] for key in ref):
+        cs, ms = zip(*[(c, m) for (b2, k2, p2, c), m in ref.items() if (b2, k2, p2) == (b, k, (rc, text))])
         if len(set(cs)) < 2:  # one class count: no line to derive from
             continue
         slope = statistics.linear_regression(cs, ms).slope
         at = lambda c: statistics.mean(ms) + slope * (c - statistics.mean(cs))  # MB at c base classes
-        ratio = next((m / ref[b, k, False, c] for (b2, k2, c), m in fp16.items() if (b2, k2) == (b, k)
-                      and (b, k, False, c) in ref), None)
-        rows.append([b, LINES[k] + " (recomputed)" * rc] + [f"{at(c) / 1024:.1f} / " + (
+        ratio = next((m / ref[b, k, (False, text), c] for (b2, k2, t2, c), m in fp16.items() if (b2, k2, t2) ==
+                      (b, k, text) and (b, k, (False, text), c) in ref), None)
+        rows.append([b, text, LINES[k] + " (recomputed)" * rc] + [f"{at(c) / 1024:.1f} / " + (
             f"{at(c) * ratio / 1024:.1f}" if ratio else "-") for c in [(CLASSES[d] + 1) // 2 for d in BASE_TO_NEW]])
-    return md_table(["learner", "step"] + [f"{NAMES[d]} ({(CLASSES[d] + 1) // 2})" for d in BASE_TO_NEW], rows)
+    return md_table(["learner", "text positions", "step"] + [f"{NAMES[d]} ({(CLASSES[d] + 1) // 2})"
+                                                             for d in BASE_TO_NEW], rows)
 
 
 def make_folder(root, classes, images, size=64):
@@ -335,9 +344,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per line after one warm-up")
     ap.add_argument("--new_epochs", type=int, default=10, help="epochs labels once per run are spread over")
     ap.add_argument("--classes", help="base (and new) class counts to measure, e.g. 51,200,500,1000 (the dataset's)")
-    ap.add_argument("--lines", default=",".join(LINES) + ",infer", help="the steps to time (default: all)")
+    ap.add_argument("--lines", default=",".join(LINES) + ",infer,target", help="the steps to time (default: all; "
+                    "target: PromptSRC's frozen text target)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp16"], help="fp16: CLIP's layout on a CPU too")
     ap.add_argument("--recompute_text", action="store_true", help="text activations recomputed (train.py's)")
+    ap.add_argument("--text", default="both", choices=["both", "prompt", "77"], help="the text tower's positions: "
+                    "the prompts' own (train.py's default), CLIP's 77 (--full_text 1), or both side by side")
+    ap.add_argument("--batch", type=int, help="images per step (default b x K of the dataset)")
     ap.add_argument("--fits", metavar="JSON,...", help="derive the 'what fits' table from saved fp32 / fp16 runs")
     ap.add_argument("--startup", metavar="DIR", help="time a run's start-up on the folder dataset DIR (made if absent)")
     ap.add_argument("--images", type=int, default=20_000, help="--startup: images it makes (100 classes)")
@@ -374,15 +387,16 @@ def main(argv=None):
                   (platform.processor() or platform.machine()),
                   dtype=str(model.dtype).replace("torch.", ""), dataset=a.dataset,
                   classes=",".join(map(str, counts)), anchors=a.anchors, topk=a.topk, recompute_text=a.recompute_text,
-                  images_per_step=a.anchors * a.topk, repeats=a.repeats, new_epochs=a.new_epochs,
+                  images_per_step=a.batch or a.anchors * a.topk, repeats=a.repeats, new_epochs=a.new_epochs,
                   memory_note="torch.cuda.max_memory_allocated" if device.type == "cuda" else
                   "live tensor bytes + the step's peak from torch profiler allocation events (not RSS)")
     print(" ".join(f"{k}={v}" for k, v in header.items()))
     res = dict(header=header, backbones=[])
     for b in backbones:
         for a.base_classes in counts:  # C_n = C_b: the new step's classes grow alike
-            a.new_classes = a.base_classes
-            res["backbones"].append(bench_backbone(b, model, a, device, print))
+            for model.full_text in [t == "77" for t in (["prompt", "77"] if a.text == "both" else [a.text])]:
+                a.new_classes = a.base_classes
+                res["backbones"].append(bench_backbone(b, model, a, device, print))
     table = markdown(res)
     print("\n" + table)
     write_json(res, a.out)

@@ -25,6 +25,7 @@ nothing from sampler.py, losses.py, pseudolabel.py or dpc.py); docs/learners.md 
     learner.prompt_names, frozen_image_encoder, text_per_image     # what DPC copies; what is shared
 """
 import copy
+import functools
 import os
 import warnings
 import zipfile
@@ -53,11 +54,12 @@ def _is_torchscript(path):
         return False
 
 
-def load_clip(name, device="cpu", precision="auto", recompute_text=False):
+def load_clip(name, device="cpu", precision="auto", recompute_text=False, full_text=False):
     """Frozen CLIP, in eval mode, from a model name ('ViT-B/16', downloaded once to ~/.cache/clip) or a
     checkpoint path. precision 'fp16' (the paper's, on a GPU): CLIP's own fp16 layout (convert_weights:
     matmul and conv weights fp16, LayerNorms fp32) on any device; 'fp32', or 'auto' on a CPU: fp32.
-    recompute_text: its text tower recomputes each block in the backward pass (same gradients, less memory)."""
+    recompute_text: its text tower recomputes each block in the backward pass (same gradients, less memory).
+    full_text: its text tower at CLIP's own 77 positions and attention, as released (encode_token_embeddings)."""
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -84,7 +86,7 @@ def load_clip(name, device="cpu", precision="auto", recompute_text=False):
         convert_weights(model)  # clip.load already does this on a GPU; on a CPU it returns fp32
     else:
         model = model.float()
-    model.recompute_text = recompute_text
+    model.recompute_text, model.full_text = recompute_text, full_text
     return model.eval().requires_grad_(False)
 
 
@@ -107,22 +109,47 @@ def save_clip(model, path):
 # Encoders, re-running CLIP's submodules (shapes: C classes, B images, L=77 tokens, D width)
 
 def encode_token_embeddings(model, x, eot, deep=None):
-    """Text features from token embeddings x (C, 77, D): CLIP's encode_text after its embedding.
+    """Text features from token embeddings x (C, 77, D): CLIP's encode_text after its embedding, the one
+    home of every text encoding (learners, zero-shot CLIP, frozen targets, teachers, evaluation).
 
+    The attention is causal, so nothing after a prompt's [EOS] reaches its [EOS] feature: only positions
+    0 .. the largest [EOS] run, with the causal mask cut to match (causal_block). The same computation as
+    CLIP's 77 positions up to float rounding, with a fraction of the work (docs/cost.md); model.full_text
+    (--full_text 1) runs CLIP's own 77 positions and blocks, bit for bit the released code's tensors.
     deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the hidden
     state (block i-1's output there), for every class, with no positional embedding. None = CoOp."""
-    x = x + model.positional_embedding.type(x.dtype)  # the layer-0 context gets positions too
+    full = getattr(model, "full_text", False)
+    if not full:  # a deep prompt's positions are there even if an [EOS] came before them
+        x = x[:, :max(int(eot.max()) + 1, 1 + (len(deep[0]) if deep else 0))]
+    x = x + model.positional_embedding[:x.shape[1]].type(x.dtype)  # the layer-0 context gets positions too
     x = x.permute(1, 0, 2)  # NLD -> LND (CLIP's attention is not batch_first)
     for i, block in enumerate(model.transformer.resblocks):  # each block holds the causal mask
         if deep is not None and 1 <= i <= len(deep):
             p = deep[i - 1].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n, C, D)
             x = torch.cat([x[:1], p, x[1 + p.shape[0]:]], dim=0)
+        run = block if full else functools.partial(causal_block, block)
         recompute = getattr(model, "recompute_text", False) and x.requires_grad  # --recompute_text
-        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if recompute else run(x)
     x = x.permute(1, 0, 2)  # LND -> NLD
     x = model.ln_final(x).type(model.dtype)
     x = x[torch.arange(x.shape[0], device=x.device), eot]  # (C, D) at [EOS]
     return x @ model.text_projection  # (C, E)
+
+
+def causal_block(block, x):
+    """CLIP's ResidualAttentionBlock (its own submodules) on a sequence of L <= 77 positions: its causal mask cut
+    to L x L, and is_causal passed with it, which lets scaled_dot_product_attention pick a fused causal kernel."""
+    y = block.ln_1(x)
+    mask = block.attn_mask[:len(x), :len(x)].to(dtype=x.dtype, device=x.device)
+    x = x + block.attn(y, y, y, need_weights=False, attn_mask=mask, is_causal=True)[0]
+    return x + block.mlp(block.ln_2(x))
+
+
+def encode_text_tokens(model, tokens):
+    """CLIP's encode_text of tokenized prompts (N, 77), through encode_token_embeddings (--full_text 1: CLIP's)."""
+    if getattr(model, "full_text", False):
+        return model.encode_text(tokens)
+    return encode_token_embeddings(model, model.token_embedding(tokens).type(model.dtype), tokens.argmax(-1))
 
 
 def encode_image(model, images, shallow=None, deep=None):
@@ -153,17 +180,17 @@ def encode_image(model, images, shallow=None, deep=None):
 class EncodeCounter:
     """Counts what runs through frozen CLIP: images through the image tower, token sequences through
     the text tower, and how many of each carry gradients (a backward pass follows). Forward hooks on
-    the last block of each tower, so every learner, teacher and evaluation pass is counted alike."""
+    the last LayerNorm of each tower, so every learner, teacher and evaluation pass is counted alike."""
 
     def __init__(self, model):
         self.counts = dict(images=0, images_grad=0, texts=0, texts_grad=0)
-        towers = ((model.visual.transformer, "images"), (model.transformer, "texts"))
-        self.handles = [t.resblocks[-1].register_forward_hook(self._hook(kind)) for t, kind in towers]
+        towers = ((model.visual.ln_post, "images"), (model.ln_final, "texts"))
+        self.handles = [t.register_forward_hook(self._hook(kind)) for t, kind in towers]
 
     def _hook(self, kind):
-        def hook(module, inputs, output):  # output (L, N, D): N images or sequences
-            self.counts[kind] += output.shape[1]
-            self.counts[kind + "_grad"] += output.shape[1] if output.requires_grad else 0
+        def hook(module, inputs, output):  # output (N, D) or (N, L, D): N images or sequences
+            self.counts[kind] += output.shape[0]
+            self.counts[kind + "_grad"] += output.shape[0] if output.requires_grad else 0
         return hook
 
     def remove(self):
@@ -203,7 +230,7 @@ def zero_shot_text_features(model, classnames, template="a photo of a {}."):
     device = model.token_embedding.weight.device
     tokens = clip.tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(device)
     with torch.no_grad():
-        return F.normalize(model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(encode_text_tokens(model, tokens).float(), dim=-1)
 
 
 class Learner(nn.Module):
@@ -415,7 +442,7 @@ class PromptSRC(IVLP):
             names = [c.replace("_", " ") for c in self.classnames]
             with torch.no_grad():
                 tokens = [clip.tokenize([t.format(c) for c in names]).to(device) for t in PROMPTSRC_TEMPLATES]
-                feats = torch.stack([self.clip.encode_text(t).float() for t in tokens])
+                feats = torch.stack([encode_text_tokens(self.clip, t).float() for t in tokens])
             self._text_target = F.normalize(feats.mean(0), dim=-1)  # (C, E), once per class list
         return self._text_target
 

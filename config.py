@@ -69,7 +69,7 @@ RELEASED_BEHAVIOUR = dict(ar_dedup=0, distinct_anchors=0, pseudo_labeler="tuned"
 # (results.json), tabulated apart from the paper setting (ablations, the --topk / --new_shots curves)
 NOT_SETTINGS = {"dataset", "root", "seed", "backbone", "method", "subsample", "init_from", "teacher", "device",
                 "precision", "workers", "test_batch_size", "out", "resume", "log_every", "cache_gb",
-                "download", "recompute_text"}
+                "download", "recompute_text", "full_text"}
 
 # -----------------------------------------------------------------------------
 # Flags: one flat block, grouped as in the paper; the long form of each is in docs/flags.md
@@ -152,6 +152,8 @@ ap.add_argument("--cache_gb", type=float, default=round(RAM_GB / 4, 1), help="GB
                 "(default: a quarter of this machine's memory); the rest decode on every use; 0: all do")
 ap.add_argument("--recompute_text", type=int, default=0, choices=[0, 1], help="1: the text tower's activations "
                 "recomputed in the backward pass (same gradients, far less memory over many classes; docs/cost.md)")
+ap.add_argument("--full_text", type=int, default=0, choices=[0, 1], help="1: CLIP's text tower at its own 77 "
+                "positions, bit for bit the released code (0: the positions the prompts use; equal up to rounding)")
 ap.add_argument("--test_batch_size", type=int, default=100)
 ap.add_argument("--out", help="output folder (runs/<dataset>/<backbone>-<method>/shots<K>_seed<S>)")
 ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --out")

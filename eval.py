@@ -142,12 +142,13 @@ def _setup(ckpt, overrides):
     device = a.get("device") or "auto"
     if device == "auto" or (device.startswith("cuda") and not torch.cuda.is_available()):
         device = "cuda" if torch.cuda.is_available() else "cpu"  # GPU-trained prompts run here too
-    model = load_clip(a["clip"], device, a.get("precision", "auto"))  # an unknown device is refused there
+    full = bool(a.get("full_text"))  # a run from before --full_text: evaluated on the prompts' own positions
+    model = load_clip(a["clip"], device, a.get("precision", "auto"), full_text=full)  # a bad device: refused there
     device = torch.device(device)
     return model, build_transforms(model.visual.input_resolution)[1], device, a
 
 
-def load_teacher(run, classnames, device, precision="auto", base_names=None, resolution=None):
+def load_teacher(run, classnames, device, precision="auto", base_names=None, resolution=None, full_text=False):
     """PromptKD's teacher: the PromptSRC run at `run` (its CLIP, prompt and classes), frozen, over
     classnames; refused in one line when its classes or its CLIP's input size do not fit."""
     ck = load_checkpoint(prompt_files(run)["base"])
@@ -156,7 +157,7 @@ def load_teacher(run, classnames, device, precision="auto", base_names=None, res
     if base_names is not None and ck["classnames"] != list(base_names):
         raise ValueError(f"--teacher {run} was trained on other classes ({', '.join(ck['classnames'][:3])}, "
                          f"...) than these base classes ({', '.join(base_names[:3])}, ...)")
-    model = load_clip(ck["args"]["clip"], device, precision)
+    model = load_clip(ck["args"]["clip"], device, precision, full_text=full_text)
     if resolution and model.visual.input_resolution != resolution:
         raise ValueError(f"--teacher {run}: its CLIP takes {model.visual.input_resolution} px images, the "
                          f"student's {resolution} px")
@@ -170,7 +171,8 @@ def prompt_learner(model, ck, names, device, all_names=None):
     names), with PromptKD's teacher (over all_names)."""
     kw = dict(ck.get("learner_kwargs", {}))
     if ck["backbone"] == "promptkd":
-        kw["teacher"] = load_teacher(ck["args"]["teacher"], all_names or names, device, ck["args"]["precision"])
+        kw["teacher"] = load_teacher(ck["args"]["teacher"], all_names or names, device, ck["args"]["precision"],
+                                     full_text=model.full_text)
     learner = build_learner(ck["backbone"], model, names, **kw)
     state = dict(ck["learned"])
     if any(n.startswith("head.") for n in state):  # DePT's, for the classes it trained on

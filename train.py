@@ -52,7 +52,7 @@ def main(argv=None):
     with OutputLock(args) as lock:  # a folder holding another run, or in use, is refused first
         seed_everything(args.seed)
         data = load_data(args)  # bad input fails here, nothing written
-        model = load_clip(args.clip, args.device, args.precision, bool(args.recompute_text))
+        model = load_clip(args.clip, args.device, args.precision, bool(args.recompute_text), bool(args.full_text))
         loaders = Loaders(args, data, model.visual.input_resolution)
         learner = build_model(args, model, data)
         neighbours = class_neighbours(data.base_names, args.topk, bank=args.minilm_bank) if args.method == "mao" \
@@ -144,7 +144,7 @@ def build_model(args, model, data):
     teacher = None
     if args.backbone == "promptkd":  # refused here if its classes or its CLIP do not fit
         teacher = load_teacher(args.teacher, data.base_names + data.new_names, args.device, args.precision,
-                               data.base_names, model.visual.input_resolution)
+                               data.base_names, model.visual.input_resolution, model.full_text)
     learner = new_learner(args, model, data.base_names, teacher)
     if args.init_from:
         if args.init_from == os.path.join(args.out, "base_prompt.pt") and not os.path.isfile(args.init_from):

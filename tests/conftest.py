@@ -41,6 +41,13 @@ def tiny_clip(tiny_clip_path):
     return load_clip(tiny_clip_path, "cpu")  # the same clip.load path real weights take
 
 
+@pytest.fixture
+def exact(tiny_clip, monkeypatch):
+    """--full_text 1 on the tiny CLIP for one test: its text tower at CLIP's own 77 positions and attention, the
+    path bit for bit the released code's (the tests that pin this project to the released tensors take it)."""
+    monkeypatch.setattr(tiny_clip, "full_text", True)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small demo dataset (the first 12 of the 36 classes, 16 train / 2 val / 4 test images each), CoOp layout."""

@@ -25,7 +25,8 @@ def test_live_bytes_counts_each_storage_once():
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(["--quick", "--backbone", "all", "--dataset", "dtd", "--out", str(out), "--repeats", "2"])
+    res = bench.main(["--quick", "--backbone", "all", "--dataset", "dtd", "--out", str(out), "--repeats", "2",
+                      "--text", "prompt"])
     saved = json.loads(out.read_text())
     md = (tmp_path / "bench.md").read_text()
     assert [r["backbone"] for r in saved["backbones"]] == bench.LEARNERS
@@ -41,7 +42,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         head = 24 * 64 + 24 + 4 * 64  # DePT's CAT head on DTD's 24 base classes: C x E + C + 4 E
         assert r["lines"]["dept"]["params"] == r["learnable_params"] + head
         assert r["lines"]["plain"]["ratio_memory"] == 1.0 and r["infer_images_per_s"]["median"] > 0
-        assert f"| {r['backbone']} | 24 | MAO base step |" in md
+        assert f"| {r['backbone']} | 24 | prompt | 16 | MAO base step |" in md
     coop = res["backbones"][0]["lines"]
     # dynamic candidates: a DTD-shaped base batch (16 images, 16 distinct classes) encodes 16 of the 24 class
     # prompts, so the step's memory is below the plain step's over all 24 classes
@@ -52,11 +53,15 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
 def test_class_counts_what_fits_and_start_up_at_scale(tmp_path):
     out = str(tmp_path / "scale.json")
     res = bench.main(["--quick", "--classes", "32,48", "--lines", "mao_base", "--repeats", "1", "--out", out])
-    (r32, r48) = res["backbones"]
-    assert (r32["classes"], r48["classes"]) == (32, 48) and set(r48["lines"]) == {"plain", "mao_base"}
+    (r32, r32_77, r48, r48_77) = res["backbones"]  # both text paths side by side, the prompts' own first
+    assert [(r["classes"], r["text"]) for r in res["backbones"]] == [(32, "prompt"), (32, "77"), (48, "prompt"),
+                                                                     (48, "77")]
+    assert set(r48["lines"]) == {"plain", "mao_base"}
     assert r32["lines"]["plain"]["peak_mb"] < r48["lines"]["plain"]["peak_mb"]  # every class's text, with grads
     assert r48["lines"]["mao_base"]["peak_mb"] < r48["lines"]["plain"]["peak_mb"]  # the batch's 32 classes only
-    assert "| coop | MAO base step |" in bench.what_fits([out])
+    assert r48["lines"]["plain"]["peak_mb"] < r48_77["lines"]["plain"]["peak_mb"]  # ~10 positions, not 77
+    fits = bench.what_fits([out])
+    assert "| coop | prompt | MAO base step |" in fits and "| coop | 77 | MAO base step |" in fits
     folder = str(tmp_path / "folder")
     got = bench.main(["--startup", folder, "--images", "400"])  # made: 100 classes of 4 images
     assert (got["images"], got["train_images"], got["shots"]) == (400, 200, 2)

@@ -76,7 +76,7 @@ def film(x, scale, bias):  # elp_maple.FiLM
 
 
 @pytest.mark.parametrize("name", ["coop", "cocoop", "kgcoop", "maple"])
-def test_dept_is_exact_to_the_released_trainers(tiny_clip, name):
+def test_dept_is_exact_to_the_released_trainers(exact, tiny_clip, name):
     dept = DePT(perturbed(learner(name, tiny_clip))).train()
     perturbed(dept.head), perturbed(dept.image_affine, 1), perturbed(dept.text_affine, 2)
     t = {n.replace("learner.", ""): p.detach().clone().requires_grad_(True)

@@ -34,7 +34,7 @@ def released_prompts(model, names, n_ctx=4):
     return emb[:, :1], emb[:, 1 + n_ctx:], tokens
 
 
-def test_cocoop_is_bit_exact_to_the_released_forward(tiny_clip):
+def test_cocoop_is_bit_exact_to_the_released_forward(exact, tiny_clip):
     torch.manual_seed(1)
     ours = CoCoOp(tiny_clip, NAMES).train()
     with torch.no_grad():  # a trained-looking state: context and meta-net away from their initialisation
@@ -69,7 +69,7 @@ def test_cocoop_is_bit_exact_to_the_released_forward(tiny_clip):
         assert torch.equal(v.grad, meta[k].grad), k
 
 
-def test_kgcoop_is_bit_exact_to_the_released_forward(tiny_clip):
+def test_kgcoop_is_bit_exact_to_the_released_forward(exact, tiny_clip):
     torch.manual_seed(2)
     template = "a photo of a {}, a type of pet."
     ours = KgCoOp(tiny_clip, NAMES, template=template).train()

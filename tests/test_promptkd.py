@@ -48,7 +48,7 @@ def copies(kd):
     return t, dict(mean=kd.projector[1].running_mean.clone(), var=kd.projector[1].running_var.clone())
 
 
-def test_student_logits_kd_loss_and_gradients_are_the_released_ones(tiny_clip, teacher):
+def test_student_logits_kd_loss_and_gradients_are_the_released_ones(exact, tiny_clip, teacher):
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():  # CustomCLIP_teacher.forward: its prompted features, every class
         tea_img, tea_txt = teacher.encode_image(images), teacher.encode_text()
@@ -76,7 +76,7 @@ def test_student_logits_kd_loss_and_gradients_are_the_released_ones(tiny_clip, t
 
 
 @pytest.mark.parametrize("start", ["intended", "released"])
-def test_dpc_stage2_on_promptkd_from_the_intended_and_the_released_start(tiny_clip, teacher, start):
+def test_dpc_stage2_on_promptkd_from_the_intended_and_the_released_start(exact, tiny_clip, teacher, start):
     """sple_promptkd.py's update (--dpc_param released, L_CL only), from the start its comments intend (stage 1's deep
     vision prompts, the teacher's deep text prompts) or the released one: VLPromptLearner_SPLE.__init__ writes them
     into transformer.ctx_list[i + 1], which no block reads, so both start as build_model's N(0, 0.02) and train."""
@@ -119,7 +119,7 @@ def test_dpc_stage2_on_promptkd_from_the_intended_and_the_released_start(tiny_cl
     assert near(ours, refs, rel=1e-5)  # 1e-6 in the loss grows through both towers (over 1e-6 here without AVX)
 
 
-def test_dhno_ranks_with_p_or_with_the_teacher_trained_or_as_released(tiny_clip, teacher):
+def test_dhno_ranks_with_p_or_with_the_teacher_trained_or_as_released(exact, tiny_clip, teacher):
     kd = student(tiny_clip, teacher)
     images = torch.randn(6, 3, 32, 32)
     loader = torch.utils.data.DataLoader(list(zip(images, torch.zeros(6), torch.arange(6))), batch_size=3)

@@ -1,0 +1,79 @@
+"""The text tower at the prompts' own length (the default) against CLIP's 77 positions (--full_text 1): for every
+learner, MAO's candidate subsets, DPC's P' and DePT's head, logits and gradients within 1e-5 of the largest entry and
+the same argmax; a prompt that fills all 77 positions; far fewer positions run."""
+import pytest
+import torch
+
+from clip_prompt import build_learner, encode_token_embeddings
+from conftest import near
+from dept import DePT, dept_loss
+from dpc import DualPrompt, stage2_loss
+from losses import dynamic_candidate_loss, dynamic_candidates
+from test_learners import NAMES
+
+LONG = " ".join(["red"] * 70)  # "a photo of a" + 70 words + "." : [EOS] at position 76, the last
+
+
+def step(tiny_clip, monkeypatch, full, name, plugin, names=NAMES):
+    """One training step's logits, loss and gradients (all trainable tensors, one vector) on the chosen path."""
+    monkeypatch.setattr(tiny_clip, "full_text", full)
+    torch.manual_seed(3)  # the same random prompts on both paths
+    kw = dict(depth=2, n_ctx=2 if name == "maple" else 4)
+    if name == "promptkd":
+        kw = dict(depth=2, teacher=build_learner("promptsrc", tiny_clip, names, n_ctx=4, depth=2))
+    m = build_learner(name, tiny_clip, names, **kw).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([3, 0, 4, 0])
+    if plugin == "mao":  # Eq. (5)-(6): the batch's candidates only
+        candidates, targets = dynamic_candidates(labels)
+        out = m(images, candidates)
+        loss = dynamic_candidate_loss(out.logits, targets) + sum(out.losses.values())
+    elif plugin == "dpc":  # P' substituted into the learner, L_CL over one text row per image
+        m = DualPrompt(m, 0.2).train()
+        out, (loss, _) = m(images, labels), stage2_loss(m, images, labels)
+    else:  # DePT: the learner's CE and its head's
+        m = DePT(m).train()
+        out, (loss, _) = m(images), dept_loss(m, images, labels)
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad and p.grad is not None]
+    with torch.no_grad():
+        return out.logits, loss, grads, m.eval()(images).logits
+
+
+@pytest.mark.parametrize("name,plugin", [(n, "mao") for n in ("coop", "maple", "ivlp", "promptsrc", "cocoop",
+                                                             "kgcoop", "promptkd")]
+                         + [("coop", "dpc"), ("maple", "dpc"), ("cocoop", "dpc"), ("coop", "dept"), ("kgcoop", "dept")])
+def test_the_prompts_own_length_is_the_77_position_path_up_to_rounding(tiny_clip, monkeypatch, name, plugin):
+    short, full = (step(tiny_clip, monkeypatch, f, name, plugin) for f in (False, True))
+    for a, b in zip(short, full):
+        assert near(a, b, rel=1e-5), (name, plugin)
+    assert torch.equal(short[3].argmax(-1), full[3].argmax(-1))  # the same predictions on the fixed batch
+    assert len(short[2]) == len(full[2]) > 0
+
+
+def test_zero_shot_and_a_prompt_filling_all_77_positions(tiny_clip, monkeypatch):
+    names = NAMES + [LONG]
+    zs = []
+    for f in (False, True):
+        monkeypatch.setattr(tiny_clip, "full_text", f)
+        zs.append(build_learner("zsclip", tiny_clip, names).text_features)
+    assert near(zs[0], zs[1], rel=1e-5)
+    coop = build_learner("coop", tiny_clip, names)
+    assert coop.eot[-1] == 76  # the longest prompt fills the context: all 77 positions run
+    short, full = step(tiny_clip, monkeypatch, False, "coop", "mao", names), \
+        step(tiny_clip, monkeypatch, True, "coop", "mao", names)
+    assert all(near(a, b, rel=1e-5) for a, b in zip(short, full))
+
+
+def test_only_the_positions_up_to_the_last_eos_run(tiny_clip, monkeypatch):
+    seen = []
+    hook = tiny_clip.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    coop = build_learner("coop", tiny_clip, NAMES)  # "a photo of a purple ring." : [EOS] at 8
+    coop.encode_text()
+    monkeypatch.setattr(tiny_clip, "full_text", True)
+    coop.encode_text()
+    hook.remove()
+    assert seen == [int(coop.eot.max()) + 1, 77]
+    x = tiny_clip.token_embedding(torch.zeros(2, 77, dtype=torch.long))
+    deep = [torch.zeros(6, x.shape[-1])]  # a deep prompt longer than the [EOS]: its positions still run
+    monkeypatch.setattr(tiny_clip, "full_text", False)
+    assert encode_token_embeddings(tiny_clip, x, torch.tensor([2, 3]), deep).shape == (2, x.shape[-1])
