@@ -14,6 +14,7 @@ DPC's Dynamic Hard Negative Optimizer (dpc.py) reuses this batch builder with an
 anchor *image* ranks the base classes by image-text similarity under a frozen prompt, so its table
 has one row per training image and is refreshed every epoch (HardNegativeBatchSampler accepts such a
 ranking in place of the class table)."""
+import os
 import random
 
 import torch
@@ -45,10 +46,13 @@ def class_neighbours(classnames, K, encoder=None, bank="raw"):
     MiniLM is loaded if None."""
     if bank not in ("raw", "spaced"):
         raise ValueError(f"bank must be 'raw' or 'spaced', not '{bank}'")
-    encoder = encoder or load_minilm()
     queries = [c.replace("_", " ") for c in classnames]
     texts = list(classnames) if bank == "raw" else queries
-    embed = lambda xs: encoder.encode(xs, convert_to_tensor=True, normalize_embeddings=True).float().cpu()  # (C, 384)
+    # $MINILM_CACHE: a file of {text: MiniLM's unit embedding} for a machine without the model (gpu_check.sh)
+    cached = torch.load(os.environ["MINILM_CACHE"]) if os.environ.get("MINILM_CACHE") else {}
+    encoder = encoder or (None if set(queries + texts) <= set(cached) else load_minilm())
+    embed = lambda xs: torch.stack([cached[x] for x in xs]) if set(xs) <= set(cached) else encoder.encode(
+        xs, convert_to_tensor=True, normalize_embeddings=True).float().cpu()  # (C, 384)
     q = embed(queries)
     e = q if texts == queries else embed(texts)
     cosine = q @ e.t()  # (C, C); rows are unit vectors, so this is the cosine of Eq. (4)

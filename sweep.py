@@ -3,7 +3,7 @@
     python sweep.py --datasets demo --backbones zsclip,coop,maple --methods none,mao,dpc --seeds 1,2,3
     python sweep.py --datasets all --root DATA --slice 0/4      # slice 1 of 4 (one per GPU)
     python sweep.py --datasets dtd,eurosat --dry_run            # what would run and what is done
-    python sweep.py --datasets dtd --out_suffix k4 -- --topk 4  # flags after -- go to every run
+    python sweep.py --datasets dtd --out_suffix k4 -- --topk 4  # flags after -- go to every run ({seed}: its seed)
     python sweep.py --protocol xd --root DATA                   # Table 2 + DG
 
 Base-to-new (--protocol b2n): a run is finished when its results.json exists, so an interrupted
@@ -136,7 +136,8 @@ def commands(a, r, extra, st):
         cmds.append([sys.executable, "train.py", "--dataset", ds, "--backbone", bb, "--method", m,
                      "--seed", str(seed), "--shots", str(a.shots), "--root", os.path.abspath(a.root),
                      "--out", out] + ["--resume"] * os.path.isdir(out)  # what an earlier sweep left goes on
-                    + (["--subsample", "all"] if a.protocol == "xd" else []) + extra)
+                    + (["--subsample", "all"] if a.protocol == "xd" else [])
+                    + [x.replace("{seed}", str(seed)) for x in extra])  # e.g. a teacher of the same seed
     if a.protocol == "xd":
         targets = a.targets if st != "eval" else missing_targets(a, r)
         cmds.append([sys.executable, "eval.py", "--ckpt", out, "--datasets", ",".join(targets), "--root",

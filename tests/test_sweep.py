@@ -28,7 +28,7 @@ def test_slices_partition_the_grid(tmp_path):
 
 
 def test_flags_after_double_dash_reach_every_run(tmp_path, capsys):
-    sweep.main(["--datasets", "dtd", "--backbones", "coop", "--methods", "mao", "--seeds", "1", "--runs",
-                str(tmp_path), "--out_suffix", "k4", "--dry_run", "--", "--topk", "4"])
+    sweep.main(["--datasets", "dtd", "--backbones", "coop", "--methods", "mao", "--seeds", "1,2", "--runs",
+                str(tmp_path), "--out_suffix", "k4", "--dry_run", "--", "--topk", "4", "--teacher", "t/s{seed}"])
     out = capsys.readouterr().out
-    assert "--topk 4" in out and "coop-mao-k4" in out
+    assert "--topk 4" in out and "coop-mao-k4" in out and "--teacher t/s1" in out and "--teacher t/s2" in out
