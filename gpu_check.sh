@@ -30,11 +30,12 @@ bench 45 cocoop24 --backbone cocoop --dataset dtd --batch 4 --lines mao_base,mao
 timeout 45 python3 - <<'EOF' 2>&1 | tee "$out/attention.txt"
 import contextlib, os, time, torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from clip.model import CLIP
+from clip.model import CLIP, convert_weights
 import clip_prompt
 # ViT-B/16's text tower, fp16, 500 classes at a DTD-length prompt (11 positions), forward and backward
 dev = os.environ["DEVICE"]
-m = CLIP(512, 224, 1, 768, 16, 77, 49408, 512, 8, 12).to(dev).half().eval().requires_grad_(False)
+m = CLIP(512, 224, 1, 768, 16, 77, 49408, 512, 8, 12).to(dev).eval().requires_grad_(False)
+convert_weights(m)  # CLIP's own fp16 layout, as clip.load gives on a GPU (LayerNorms stay fp32)
 x = torch.randn(500, 11, 512, device=dev, dtype=torch.half, requires_grad=True)
 eot = torch.full((500,), 10, device=dev)
 def masked(block, h):  # CLIP's own mask, cut: no is_causal hint

@@ -78,9 +78,8 @@ def run_train(tmp_path, demo_root, clip_path, *extra):
 
 
 def near(a, b, rel=1e-6):
-    """a is b up to float rounding: every entry within rel of b's largest (tensors, or lists of them taken as one,
-    e.g. all gradients: a gradient that is 0 in exact arithmetic is pure rounding). For two computations that are
-    not the same kernels on the same shapes, whose last bits differ between CPUs (AVX2 / AVX-512), thread counts."""
+    """a is b up to float rounding: every entry within rel of b's largest (lists of tensors as one: all gradients), for
+    computations that are not the same kernels on the same shapes, whose last bits differ across CPUs and threads."""
     a, b = (torch.cat([x.flatten() for x in t]) if isinstance(t, (list, tuple)) else t for t in (a, b))
     return bool((a - b).abs().max() <= rel * b.abs().max())
 

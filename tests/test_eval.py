@@ -64,6 +64,7 @@ def test_table1_means_std_hm_paper_and_missing_seeds(tmp_path):
     assert dtd["hm"] == pytest.approx(2 * 82 * 62 / 144)  # HM of the means, not the mean of per-seed HMs
     assert dtd["paper"] == (80.44, 59.66, 68.51) and dtd["seconds"] == pytest.approx(90.0)
     assert "| DTD | +MAO | 82.00 ± 2.00 | 62.00 ± 2.00 | 70.61 | 80.44 / 59.66 / 68.51 | +1.56 / +2.34 / +2.10 |" in table
+    assert report.cell_bnh(dtd) == "82.00 ± 2.00 / 62.00 ± 2.00 / 70.61 (n=3)"  # the compact table's cell
     euro = next(r for r in rows if r["dataset"] == "eurosat")
     assert euro["missing"] == [3] and "1,2 (missing 3)" in table
     avg = next(r for r in rows if r["dataset"] == "average")

@@ -40,9 +40,9 @@ def test_prepare_all_lists_what_needs_a_hand_check_fails_on_empty_and_offline_na
     rows = prepare.main(["all", "--root", root])
     assert set(rows) == set(prepare.BASE_TO_NEW) and not os.path.exists(tmp_path / "dtd.tmp999999999")
     assert "no network connection" in rows["dtd"][1] and "licence" in rows["imagenet"][1]
-    os.makedirs(tmp_path / "imagenet" / "images" / "train")
-    os.makedirs(tmp_path / "imagenet" / "images" / "val")
-    prepare.prepare("imagenet", root)  # images placed by hand (none: the folders are empty)
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / "imagenet" / "images" / split)  # images placed by hand (none: the folders are empty)
+    prepare.prepare("imagenet", root)
     assert prepare.check("imagenet", root)[0] == "broken"  # not "ready, 0 classes"
 
 

@@ -59,15 +59,13 @@ def test_zero_shot_and_a_prompt_filling_all_77_positions(tiny_clip, monkeypatch)
     assert near(zs[0], zs[1], rel=1e-5)
     coop = build_learner("coop", tiny_clip, names)
     assert coop.eot[-1] == 76  # the longest prompt fills the context: all 77 positions run
-    short, full = step(tiny_clip, monkeypatch, False, "coop", "mao", names), \
-        step(tiny_clip, monkeypatch, True, "coop", "mao", names)
+    short, full = (step(tiny_clip, monkeypatch, f, "coop", "mao", names) for f in (False, True))
     assert all(near(a, b, rel=1e-5) for a, b in zip(short, full))
 
 
 def test_only_the_positions_up_to_the_last_eos_run(tiny_clip, monkeypatch):
-    seen = []
+    seen, coop = [], build_learner("coop", tiny_clip, NAMES)  # "a photo of a purple ring." : [EOS] at 8
     hook = tiny_clip.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
-    coop = build_learner("coop", tiny_clip, NAMES)  # "a photo of a purple ring." : [EOS] at 8
     coop.encode_text()
     monkeypatch.setattr(tiny_clip, "full_text", True)
     coop.encode_text()
