@@ -62,10 +62,10 @@ def load_clip(name, device="cpu", precision="auto", recompute_text=False, full_t
     full_text: its text tower at CLIP's own 77 positions and attention, as released (encode_token_embeddings)."""
     try:
         device = torch.device(device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: this code runs on cpu or cuda (auto, cpu, cuda, cuda:1, ...)")
+    except RuntimeError:  # not a device name at all
+        pass
+    if getattr(device, "type", None) not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: this code runs on cpu or cuda (cpu, cuda, cuda:1, ...)")
     if not os.path.isfile(name) and name not in clip.available_models():
         raise FileNotFoundError(f"CLIP '{name}' is neither a file nor one of {clip.available_models()}")
     try:
