@@ -220,7 +220,7 @@ def cell_pm(m, s=None):
 
 def cell_bnh(r):
     """Base / new / HM; over several seeds with the spread of base and new (sample std) and the seed count."""
-    if r is None or len(r["seeds"]) < 2:
+    if r is None or len(r.get("seeds", ())) < 2:
         return "–" if r is None else f"{r['base']:.2f} / {r['new']:.2f} / {r['hm']:.2f}"
     return f"{r['base']:.2f} ± {r['base_std']:.2f} / {r['new']:.2f} ± {r['new_std']:.2f} / {r['hm']:.2f} " \
            f"(n={len(r['seeds'])})"
