@@ -138,8 +138,9 @@ def check(name, root):
         how = f"python prepare.py {name} --root {root}"
         return "missing", how if name not in BY_HAND else BY_HAND[name].format(dir=final) + f"; then {how}"
     try:
-        if altered_split(name, final):  # a file that is there must be the shipped one
-            return "broken", f"{altered_split(name, final)} is not the split file this project ships (SHA-256)"
+        bad = altered_split(name, final)  # a file that is there must be the shipped one
+        if bad:
+            return "broken", f"{bad} is not the split file this project ships (SHA-256)"
         split = os.path.join(final, DATASETS[name]["split"])
         if split.endswith(".json") and not os.path.isfile(split):
             return "broken", f"{split} not found: download it from {COOP}"
