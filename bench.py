@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 
+import clip
 import torch
 from clip.model import CLIP, convert_weights
 from PIL import Image
@@ -357,8 +358,22 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench.json", help="results; the markdown goes beside it (.md)")
     a = ap.parse_args(argv)
+    for k in ("repeats", "new_epochs", "batch", "images"):  # every flag checked before any work
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            ap.error(f"--{k} {getattr(a, k)}: must be >= 1")
+    if a.device != "auto" and not (a.device == "cpu" or a.device.startswith("cuda") and torch.cuda.is_available()):
+        ap.error(f"--device {a.device}: {'no CUDA GPU is visible here' if 'cuda' in a.device else 'cpu or cuda'}; "
+                 f"use --device cpu (or auto)")
+    if a.clip not in ("auto", *SHAPES, *clip.available_models()) and not os.path.isfile(a.clip):
+        ap.error(f"--clip {a.clip}: no such file; give {', '.join(SHAPES)}, a CLIP name or an OpenAI .pt file")
+    folder = os.path.dirname(os.path.abspath(a.out))
+    if not (a.fits or a.startup or os.access(folder, os.W_OK)):
+        ap.error(f"--out {a.out}: {folder} is not a folder this process can write to; give another --out")
     if a.fits:
-        print(what_fits(a.fits.split(",")))
+        try:
+            print(what_fits(a.fits.split(",")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--fits {a.fits}: each must be a JSON file bench.py --out wrote ({type(e).__name__}: {e})")
         return None
     if a.startup:
         if not os.path.isdir(a.startup):

@@ -105,6 +105,14 @@ def save_clip(model, path):
     os.replace(tmp, path)
 
 
+def tokenize(texts):
+    """clip.tokenize; a text longer than CLIP's 77 positions is refused in one line, naming what to shorten."""
+    try:
+        return clip.tokenize(texts)
+    except RuntimeError as e:
+        raise ValueError(f"{e}: shorten it (--n_ctx, --ctx_init, --template or the class name)") from None
+
+
 # -----------------------------------------------------------------------------
 # Encoders, re-running CLIP's submodules (shapes: C classes, B images, L=77 tokens, D width)
 
@@ -228,7 +236,7 @@ def class_logits(learner, images, texts=None):
 def zero_shot_text_features(model, classnames, template="a photo of a {}."):
     """Normalised frozen-CLIP text features of template.format(name), '_' read as ' '. (C, E)"""
     device = model.token_embedding.weight.device
-    tokens = clip.tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(device)
+    tokens = tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(device)
     with torch.no_grad():
         return F.normalize(encode_text_tokens(model, tokens).float(), dim=-1)
 
@@ -292,7 +300,7 @@ class ZeroShotCLIP(Learner):
 
 def phrase_context(model, phrase, n):
     """The token embeddings of the phrase's first n words: a context's initial value. (n, D)"""
-    ids = clip.tokenize(phrase).to(model.token_embedding.weight.device)
+    ids = tokenize(phrase).to(model.token_embedding.weight.device)
     with torch.no_grad():
         return model.token_embedding(ids)[0, 1:1 + n].float()
 
@@ -328,7 +336,7 @@ class CoOp(Learner):
         self.classnames = list(classnames)
         device = self.clip.token_embedding.weight.device
         texts = [f"{self.prefix} {c.replace('_', ' ')}." for c in self.classnames]
-        tokens = clip.tokenize(texts).to(device)
+        tokens = tokenize(texts).to(device)
         with torch.no_grad():
             emb = self.clip.token_embedding(tokens).type(self.clip.dtype)  # (C, 77, D)
         self.register_buffer("token_prefix", emb[:, :1], persistent=False)  # [SOS]
@@ -441,7 +449,7 @@ class PromptSRC(IVLP):
             device = self.clip.token_embedding.weight.device
             names = [c.replace("_", " ") for c in self.classnames]
             with torch.no_grad():
-                tokens = [clip.tokenize([t.format(c) for c in names]).to(device) for t in PROMPTSRC_TEMPLATES]
+                tokens = [tokenize([t.format(c) for c in names]).to(device) for t in PROMPTSRC_TEMPLATES]
                 feats = torch.stack([encode_text_tokens(self.clip, t).float() for t in tokens])
             self._text_target = F.normalize(feats.mean(0), dim=-1)  # (C, E), once per class list
         return self._text_target

@@ -264,6 +264,9 @@ def parse_args(argv=None):
     if args.best_val and args.method in ("mao", "dept"):
         raise ValueError(f"--best_val 1 keeps the backbone's best epoch (alone, or DPC's stage 1); --method "
                          f"{args.method} trains its whole budget and keeps the last: leave it out")
+    if args.gpa_mean > 0 and not args.gpa_std > 0:
+        raise ValueError(f"--gpa_std {args.gpa_std}: GPA's Gaussian over the epochs needs a width > 0 (PromptSRC: 1); "
+                         f"--gpa_mean 0 turns GPA off")
     args.new_shots = args.new_shots or args.shots
     args.template = args.template or DATASETS[args.dataset]["template"]
     if args.distinct_anchors is None:

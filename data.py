@@ -101,6 +101,7 @@ def write_folder_split(root, seed=1, train=0.5, val=0.2):
     if len(classes) < 2:
         raise ValueError(f"{root} holds {len(classes)} class folder(s): base-to-new needs at least 2 (one "
                          f"folder of images per class)")
+    one_name_each({c: c.replace("_", " ") for c in classes}, f"class folders under {root}")
     rng, splits = random.Random(seed), {"train": [], "val": [], "test": []}
     for y, c in enumerate(tqdm(classes, desc="listing class folders", leave=False, disable=None)):
         images = _list_images(os.path.join(root, c))
@@ -113,6 +114,18 @@ def write_folder_split(root, seed=1, train=0.5, val=0.2):
             splits[split] += [[f"{c}/{f}", y, c.replace("_", " ")] for f in part]
     write_json(splits, os.path.join(root, "split_folder.json"))
     print(f"wrote {os.path.join(root, 'split_folder.json')}: {len(classes)} classes (edit it to change the split)")
+
+
+def one_name_each(names, where):
+    """Refuse classes whose names CLIP reads alike (its tokenizer lowercases and joins spaces): their prompts would
+    be identical, two classes no prompt can tell apart. names: {what the user named: the class name}."""
+    alike = {}
+    for what, name in names.items():
+        alike.setdefault(" ".join(name.lower().split()), []).append(what)
+    twice = [" and ".join(map(repr, v)) for v in alike.values() if len(v) > 1]
+    if twice:
+        raise ValueError(f"{where}: {'; '.join(twice)} read as one class name ('_' is a space, case is ignored), so "
+                         f"their prompts would be identical: rename or merge them")
 
 
 def read_json(path):
@@ -171,6 +184,7 @@ def read_splits(name, root):
             raise ValueError(f"{os.path.join(ddir, kind)}: not a CoOp split file ({type(e).__name__}: {e}): it holds "
                              f"train, val and test lists of [image path, label, class name]") from None
         if name == "folder":  # images or classes added after the split was written are in no run: say so
+            one_name_each({f"label {y}": c for split in splits.values() for _, y, c in split}, os.path.join(ddir, kind))
             listed = {p for split in splits.values() for p, _, _ in split}
             new = [f"{c}/{f}" for c in _class_folders(ddir) for f in _list_images(os.path.join(ddir, c))
                    if f"{c}/{f}" not in listed]
@@ -203,6 +217,12 @@ def read_splits(name, root):
                 if os.path.isdir(os.path.join(image_dir, d))
                 for f in _list_images(os.path.join(image_dir, d))]
         splits = {"train": [], "val": [], "test": test}
+    trained = {y for _, y, _ in splits["train"]}
+    untrained = {c: y for _, y, c in splits["test"] if trained and y not in trained}
+    if untrained:  # it would leave the evaluation silently, and shift the base / new halves (subsample_classes)
+        raise ValueError(f"{ddir}: class {', '.join(f'{c!r} (label {y})' for c, y in untrained.items())} has test "
+                         f"images but no training images in its split; the base / new halves are drawn from the "
+                         f"training labels. Give it training rows, or remove its test rows")
     return splits, image_dir
 
 
@@ -350,6 +370,9 @@ def build_transforms(resolution, crop=(0.08, 1.0)):
     return train, test
 
 
+RESTORE = "Restore it from the dataset's source"  # a run says how, for its dataset (prepare.restore_hint)
+
+
 class ImageReadError(ValueError):
     """An image file that cannot be decoded; the message names its path and the fix."""
 
@@ -360,8 +383,7 @@ def read_image(path, decode=True):
         with Image.open(path) as im:
             return im.convert("RGB") if decode else im.size
     except Exception as e:
-        raise ImageReadError(f"cannot read image {path} ({type(e).__name__}: {e}). Re-download "
-                             f"it or remove it from the split file.") from None
+        raise ImageReadError(f"cannot read image {path} ({type(e).__name__}: {e}). {RESTORE}") from None
 
 
 def scan(image_dir, items, threads=1, decode=False, desc=None, keep=None):

@@ -157,7 +157,8 @@ def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
     the demo CLIP was pretrained on."""
     ddir = os.path.join(root, "demo")
     for stale in [f for f in os.listdir(root) if f.startswith("demo.tmp")] if os.path.isdir(root) else []:
-        shutil.rmtree(os.path.join(root, stale), ignore_errors=True)  # left by an interrupted write
+        if not os.path.isdir(f"/proc/{stale[8:]}"):  # left by an interrupted write (a live writer's is its own)
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     rng = random.Random(10_000 + seed)  # pretraining draws its scenes from other seeds
     splits = {"train": [], "val": [], "test": []}
     tmp = ddir + f".tmp{os.getpid()}"
@@ -170,7 +171,12 @@ def make_demo(root, n_train=20, n_val=4, n_test=25, seed=0, num_classes=36):
                 splits[split].append([rel, y, f"{c} {s}"])
     with open(os.path.join(tmp, "split_demo.json"), "w") as f:
         json.dump(splits, f, indent=1)
-    os.replace(tmp, ddir)  # appears whole: never half written
+    try:
+        os.replace(tmp, ddir)  # appears whole: never half written
+    except OSError:
+        if not os.path.isfile(os.path.join(ddir, "split_demo.json")):
+            raise
+        shutil.rmtree(tmp)  # a run started beside this one wrote the same dataset first: use it
     return ddir
 
 
@@ -268,6 +274,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (results are reproducible per count)")
     ap.add_argument("--out", default=DEMO_CLIP)
     a = ap.parse_args(argv)
+    for k in ("steps", "batch_size", "threads", "lr"):  # before anything is trained or written
+        if not getattr(a, k) > 0 or not math.isfinite(getattr(a, k)):
+            ap.error(f"--{k} {getattr(a, k)}: must be a number > 0")
     torch.set_num_threads(a.threads)
     t0 = time.time()
     model, losses = pretrain(a.steps, a.batch_size, a.lr, a.seed)

@@ -15,6 +15,10 @@ if [ -d gpu_bundle ]; then
     export PYTHONPATH=/tmp/site MINILM_CACHE=gpu_bundle/minilm_demo.pt
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: the same steps here (slow)
+if [ "$DEVICE" != cpu ] && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA GPU visible to torch here; run it on the GPU machine (DEVICE=cpu: the same steps on the CPU)"
+    exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 for full in 0 1; do  # the demo's data is written by the first run (data/demo)

@@ -73,6 +73,17 @@ def verify_split(name, root):
                          f"(or train on your own split with --dataset folder)")
 
 
+def restore_hint(name, root):
+    """How to get a dataset's missing or broken image back: never by editing a split file that runs check."""
+    final = os.path.join(root, DATASETS[name]["folder"])
+    if name in ("demo", "folder"):
+        return (f"Delete {final} and run again: the demo is written anew" if name == "demo" else
+                f"Replace the file, or remove its row from {os.path.join(final, 'split_folder.json')}")
+    how = f"move {final} away, then python prepare.py {name} --root {root}" if name in AUTO else \
+        BY_HAND.get(name, "copy the dataset into {dir} again").format(dir=final)
+    return f"Restore it from the dataset's download ({how}); the split file must stay the published one"
+
+
 def place_splits(name, folder):
     """Copy the shipped files a dataset lacks into its folder, each whole; refuse any that differ from them."""
     for rel in shipped(name):

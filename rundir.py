@@ -7,7 +7,9 @@ line printed; a failure ends in one line naming the file and the fix (failure_li
 from the project: every other file may use it."""
 import errno
 import fcntl
+import functools
 import glob
+import hashlib
 import json
 import os
 import pathlib
@@ -17,7 +19,9 @@ import time
 from contextlib import contextmanager
 
 import torch
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -61,9 +65,43 @@ SYSTEM = {"root", "init_from", "device", "workers", "test_batch_size", "out", "r
 NEW_STEP = {"new_shots", "new_batch_size", "pseudo_labeler", "pseudo_label_every"}  # MAO's new step's own
 
 
+LEGACY = {"full_text": 1}  # a setting older runs lack, and the value they ran with (77 positions before the flag)
+
+
 def settings(args):
-    """What shapes training: a resumed run must have the same."""
-    return {k: v for k, v in vars(args).items() if k not in SYSTEM}
+    """What shapes training: a resumed run must have the same. CLIP is named by its weights (the file's name and
+    SHA-256), not by where they lie: a run folder moved to another checkout or machine resumes."""
+    return {k: weights_id(v) if k == "clip" else v for k, v in vars(args).items() if k not in SYSTEM}
+
+
+@functools.lru_cache
+def weights_id(clip):
+    """'NAME sha256:HEX' for a CLIP file, the model name as given otherwise."""
+    if not os.path.isfile(clip):
+        return clip
+    return f"{os.path.basename(clip)} sha256:{hashlib.sha256(pathlib.Path(clip).read_bytes()).hexdigest()[:16]}"
+
+
+def differences(old, new, skip=()):
+    """'--flag old (now new)' for each setting a run on disk (old: its checkpoint's settings or args.json) has
+    other than now. An old path to CLIP is read as its weights where it still exists, else by its file name."""
+    out = []
+    for k in sorted((set(old) | set(new)) - set(skip)):
+        was, now = old.get(k, LEGACY.get(k, "(not recorded)")), new.get(k)
+        if k == "clip" and " sha256:" not in str(was):  # recorded as a path (before weights_id)
+            was = weights_id(was) if os.path.isfile(was) else now if os.path.basename(was) == now.rsplit(" sha256:")[0] else was
+        if was != now:
+            out.append(f"--{k} {was} (now {now})")
+    return out
+
+
+def load_last(path, device):
+    """An epoch checkpoint (*_last.pt); one that does not read names itself and the way on."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated or overwritten by hand: torch's reader fails in many ways
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}): delete it and resume "
+                         f"again, which trains that stage from its first epoch (the others keep theirs)") from None
 
 
 class OutputLock:
@@ -112,20 +150,20 @@ class OutputLock:
                 before = json.load(f)
         if args.resume:
             for path in ckpts:
-                old, new = torch.load(path, map_location="cpu", weights_only=False).get("settings", {}), settings(args)
-                differ = [f"--{k} {old.get(k)} (now {new.get(k)})" for k in sorted(set(old) | set(new))
-                          if old.get(k) != new.get(k)]
+                differ = differences(load_last(path, "cpu").get("settings", {}), settings(args))
                 if differ:
                     raise ValueError(f"--resume: {path} was trained with other settings: {', '.join(differ)}. "
                                      f"Resume with its flags (args.json there), or train into another --out")
-            if finished:
+            was = before.get("stage", args.stage)
+            if finished and (was == args.stage or args.method != "mao"):
                 print(f"{args.out} holds a finished run: its stages are complete, so only evaluation runs again")
+            elif finished:  # e.g. a --stage base run continued: its new step trains now
+                print(f"{args.out} holds a finished --stage {was} run: it goes on as --stage {args.stage} (a step "
+                      f"not trained yet trains now) and its results.json is replaced by this run's")
         elif args.stage == "new" and (before.get("method"), before.get("stage")) == ("mao", "base"):
             # --stage new continues a MAO --stage base run in the same folder, and only with its settings: else
             # results.json would claim settings its base prompt never had. The new step's own may differ.
-            new = json.loads(json.dumps(settings(args)))
-            differ = [f"--{k} {before.get(k)} (now {new.get(k)})" for k in sorted(set(new) | set(before) - SYSTEM)
-                      if k not in NEW_STEP and before.get(k) != new.get(k)]
+            differ = differences(before, json.loads(json.dumps(settings(args))), SYSTEM | NEW_STEP)
             if differ:
                 raise ValueError(f"--stage new: {args.out} holds a base step trained with other settings: "
                                  f"{', '.join(differ)}. Run it with that step's flags (args.json there), or train "
@@ -156,18 +194,32 @@ def start_output(args, lock, notes):
 
 def make_log(path):
     """log(msg): printed above the progress bar and appended to path (log.txt); log.scalars(tag, step, {name:
-    value}): TensorBoard scalars beside it, as Dassl's runs write them (tensorboard --logdir runs/ shows a sweep)."""
-    writer = SummaryWriter(os.path.dirname(path) or ".", flush_secs=10)
+    value}): TensorBoard scalars beside it, as Dassl's runs write them (tensorboard --logdir runs/ shows a sweep),
+    written in this thread: a full disk fails here, naming the file, not in a writer thread or at exit."""
+    events = None
+
+    def named(fn, where):  # an OSError that names the file it was writing
+        try:
+            return fn()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), where) from None
 
     def log(msg):
         tqdm.write(msg)
-        with open(path, "a") as f:
-            f.write(msg + "\n")
+
+        def append():
+            with open(path, "a") as f:
+                f.write(msg + "\n")
+        named(append, path)
 
     def scalars(tag, step, values):
+        nonlocal events
+        prefix = os.path.join(os.path.dirname(path) or ".", "events")
+        events = events or named(lambda: EventsWriter(prefix), prefix + ".out.tfevents")
         for name, value in values.items():
-            writer.add_scalar(f"{tag}/{name}", value, step)
-    log.scalars, log.close = scalars, writer.close
+            events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(f"{tag}/{name}", value)))
+        named(events.flush, events._file_name)
+    log.scalars, log.close = scalars, lambda: events and named(events.close, events._file_name)
     return log
 
 

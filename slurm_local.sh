@@ -10,6 +10,10 @@ node=$(hostname -s)
 cpus=$(nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))  # MB, 1 GB left to the system
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+if [ -s /etc/slurm/slurm.conf ]; then  # a configuration already there is kept aside, never lost
+    cp -p /etc/slurm/slurm.conf "/etc/slurm/slurm.conf.bak.$(date +%Y%m%d-%H%M%S)"
+    echo "kept the existing /etc/slurm/slurm.conf as /etc/slurm/slurm.conf.bak.*"
+fi
 cat > /etc/slurm/slurm.conf <<EOF
 ClusterName=local
 SlurmctldHost=$node

@@ -15,17 +15,20 @@ transfer.json holds every target. Then: python eval.py --summarize runs/ --plot 
 import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
 
 from clip_prompt import BACKBONES
 from config import NOT_SETTINGS, PARSER
-from data import BASE_TO_NEW, dataset_spec
+from data import BASE_TO_NEW, dataset_spec, read_json
 from eval import parse_targets
 
 
 METHODS = next(x.choices for x in PARSER._actions if x.dest == "method")
+CELL = ("dataset", "backbone", "method", "seed", "shots", "subsample", "root", "out")  # what names a cell, its data
 
 
 def run_list(a):
@@ -49,11 +52,32 @@ def missing_targets(a, run):
     return [t for t in a.targets if t not in done]
 
 
-def state(a, run):
-    """'done', 'train' (no results.json yet) or 'eval' (trained, some targets to evaluate)."""
-    if not os.path.isfile(os.path.join(out_dir(a, *run), "results.json")):
+def state(a, run, extra=()):
+    """'done', 'train' (no results.json yet), 'eval' (trained, some targets to evaluate) or, where the folder's
+    results.json records another cell, why (never counted finished, never run into)."""
+    path = os.path.join(out_dir(a, *run), "results.json")
+    if not os.path.isfile(path):
         return "train"
+    ds, bb, m, seed = run
+    cell = dict(vars(PARSER.parse_args([x.replace("{seed}", str(seed)) for x in extra])), dataset=ds, backbone=bb,
+                method=m, seed=seed, shots=a.shots, subsample="all" if a.protocol == "xd" else "base")
+    told = {"dataset", "backbone", "method", "seed", "shots", "subsample", "recipe"} | (
+        {flag(f) for f in extra} - NOT_SETTINGS - {None})
+    rec = read_json(path).get("args", {})
+    wrong = [f"--{k} {rec.get(k)} (this cell: {cell[k]})" for k in sorted(told) if rec.get(k) != cell[k]]
+    if wrong:
+        return f"{path} records another run: {', '.join(wrong)}; move that folder away"
     return "eval" if a.protocol == "xd" and missing_targets(a, run) else "done"
+
+
+def flag(arg):
+    """The train.py setting a word after -- names (argparse's own prefix rule: --see is --seed), or None."""
+    if not arg.startswith("--"):
+        return None
+    word = arg.split("=")[0]
+    hits = {act.dest for opt, act in PARSER._option_string_actions.items() if opt == word} or \
+        {act.dest for opt, act in PARSER._option_string_actions.items() if opt.startswith(word)}
+    return hits.pop() if len(hits) == 1 else None
 
 
 def main(argv=None):
@@ -82,11 +106,19 @@ def main(argv=None):
         if "zsclip" in a.backbones:
             print("--protocol xd: zero-shot CLIP has no prompt to transfer; skipping zsclip")
             a.backbones.remove("zsclip")
-    changes = [f for f in extra if f.startswith("--") and f[2:].split("=")[0] not in NOT_SETTINGS]
+    cell = [f for f in extra if flag(f) in CELL]
+    if cell:  # else the run lands in another cell's folder and passes for it
+        ap.error(f"{' '.join(cell)} after --: the sweep sets --{', --'.join(CELL)} itself, one cell and folder per "
+                 f"run; give the grid with --datasets, --backbones, --methods, --seeds, --shots, --root, --protocol")
+    changes = [f for f in extra if f.startswith("--") and flag(f) not in NOT_SETTINGS]
     if changes and not a.out_suffix:  # else an ablation lands in the paper run's folder and passes for it
         ap.error(f"{' '.join(changes)} after -- change what the runs learn: add --out_suffix NAME (e.g. "
                  f"--out_suffix {changes[0][2:].split('=')[0]}) so they get folders of their own, apart from the "
                  f"paper setting's")
+    if not all(s.strip().lstrip("-").isdigit() for s in a.seeds.split(",")):
+        ap.error(f"--seeds {a.seeds}: a comma list of integers, e.g. 1,2,3")
+    if not re.fullmatch(r"\d+/\d+", a.slice):
+        ap.error(f"--slice {a.slice}: i/n, the i-th of n slices counting from 0, e.g. 0/4")
     try:
         a.seeds = [int(s) for s in a.seeds.split(",")]
         i, n = (int(x) for x in a.slice.split("/"))
@@ -97,24 +129,29 @@ def main(argv=None):
         if wrong:
             raise ValueError(f"unknown {', '.join(wrong)}: backbones are {', '.join(BACKBONES)}; methods "
                              f"{', '.join(METHODS)}")
-    except ValueError as e:  # --seeds 1,x, --slice 1, an unknown target: the usage line, not a traceback
-        ap.error(f"{e} (the forms: --seeds 1,2,3 --slice i/n --datasets dtd,eurosat --targets xd,dg)")
+    except ValueError as e:  # an unknown dataset, backbone, method or target: the usage line, not a traceback
+        ap.error(f"{e} (the forms: --datasets dtd,eurosat --targets xd,dg)")
     if not 0 <= i < n:
         ap.error(f"--slice {a.slice}: needs 0 <= i < n")
+    PARSER.parse_args([x.replace("{seed}", "1") for x in extra])  # train.py's own check of them, before any run
     runs = run_list(a)[i::n]
-    todo = [r for r in runs if state(a, r) != "done"]
-    print(f"{len(runs)} runs in this slice, {len(runs) - len(todo)} finished, {len(todo)} to run")
+    states = {r: state(a, r, extra) for r in runs}
+    todo = [r for r in runs if states[r] in ("train", "eval")]
+    wrong = [r for r in runs if states[r] not in ("train", "eval", "done")]
+    print(f"{len(runs)} runs in this slice, {len(runs) - len(todo) - len(wrong)} finished, {len(todo)} to run"
+          + f", {len(wrong)} whose folder holds another cell's record (not run):" * bool(wrong))
+    for r in wrong:
+        print(f"  {states[r]}")
     if a.dry_run:
-        for r in runs:
-            st = state(a, r)
-            for c in commands(a, r, extra, st):
-                print(f"  [{'done' if st == 'done' else 'todo'}] {' '.join(c[1:])}")
-        return dict(todo=todo, failed=[])
-    failed = []
+        for r in [r for r in runs if r not in wrong]:
+            for c in commands(a, r, extra, states[r]):
+                print(f"  [{'done' if states[r] == 'done' else 'todo'}] {' '.join(c[1:])}")
+        return dict(todo=todo, failed=wrong)
+    failed = list(wrong)
     here = os.path.dirname(os.path.abspath(__file__))
     for k, r in enumerate(todo):
         t = time.time()
-        for c in commands(a, r, extra, state(a, r)):
+        for c in commands(a, r, extra, states[r]):
             print(f"[{k + 1}/{len(todo)}] {' '.join(c[1:])}", flush=True)
             if subprocess.call(c, cwd=here) != 0:
                 failed.append(r)
@@ -123,7 +160,7 @@ def main(argv=None):
         else:
             print(f"  done in {(time.time() - t) / 60:.1f} min")
     if failed:
-        print(f"{len(failed)} runs failed: " + "; ".join(" ".join(map(str, r)) for r in failed))
+        print(f"{len(failed)} runs failed or not run: " + "; ".join(" ".join(map(str, r)) for r in failed))
     return dict(todo=todo, failed=failed)
 
 
@@ -146,4 +183,8 @@ def commands(a, r, extra, st):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failed"] else 0)
+    try:
+        sys.exit(1 if main()["failed"] else 0)
+    except KeyboardInterrupt:  # the run in progress got the same Ctrl-C and left its checkpoint
+        sys.exit(f"interrupted; continue with the same command (finished runs are skipped, the cut one resumes): "
+                 f"python sweep.py {shlex.join(sys.argv[1:])}")

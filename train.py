@@ -28,16 +28,17 @@ from tqdm import tqdm
 
 from clip_prompt import EncodeCounter, ZeroShotCLIP, build_learner, load_clip, phrase_context
 from config import parse_args
-from data import (DATASETS, ImageList, build_transforms, fewshot_splits, hide_labels, load_images, read_splits,
-                  subsample_classes)
+from data import (DATASETS, RESTORE, ImageList, ImageReadError, build_transforms, fewshot_splits, hide_labels,
+                  load_images, read_splits, subsample_classes)
 from demo import DEMO_CLIP, DEMO_NOTE
 from dept import DePT, dept_loss
 from dpc import DualPrompt, ImageTextRanking, decoupled_prompts, stage2_loss
 from eval import accuracy, evaluate_run, load_checkpoint, load_teacher, test_loader
 from losses import cross_entropy, dynamic_candidate_loss, dynamic_candidates, gpa_weights, pseudo_label_loss
-from prepare import prepare, verify_split
+from prepare import prepare, restore_hint, verify_split
 from pseudolabel import PseudoLabeler, hidden_label_agreement, pseudo_label_quality
-from rundir import Meter, OutputLock, failure_line, finish, memory_gb, save_atomic, settings, start_output
+from rundir import (Meter, OutputLock, failure_line, finish, load_last, memory_gb, save_atomic, settings,
+                    start_output)
 from sampler import HardNegativeBatchSampler, check_settings, class_neighbours
 
 
@@ -109,7 +110,10 @@ def load_data(args):
     if args.backbone == "promptkd" and args.method in ("none", "dpc") and not args.init_from:
         distil = hide_labels(subsample_classes(read_splits(args.dataset, args.root)[0], "all")[0]["train"])
     sets = {"base": base["train"], "new": new["train"] if args.method == "mao" else [], "distil": distil or []}
-    decoded, note = load_images(image_dir, sets, base["test"] + new["test"], args.cache_gb, args.workers)
+    try:
+        decoded, note = load_images(image_dir, sets, base["test"] + new["test"], args.cache_gb, args.workers)
+    except ImageReadError as e:  # how to restore it depends on the dataset: a shipped split may not be edited
+        raise ImageReadError(str(e).replace(RESTORE, restore_hint(args.dataset, args.root))) from None
     return Data(image_dir, base, base_names, new, new_names, distil, decoded, note)
 
 
@@ -380,7 +384,7 @@ def train_stage(stage, learner, loader, loss_fn, epochs, args, log, cost, lr=Non
     start, gpa, best, stats = 0, None, None, dict(seconds=0.0, load_seconds=0.0, steps=0, sums={})
     weights = gpa_weights(epochs, args.gpa_mean, args.gpa_std) if aggregate and args.gpa_mean > 0 else None
     if args.resume and os.path.isfile(last):
-        ck = torch.load(last, map_location=device, weights_only=False)
+        ck = load_last(last, device)
         learner.load_learned(ck["learned"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])

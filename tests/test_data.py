@@ -176,7 +176,7 @@ def test_corrupt_image_names_its_path(tmp_path):
         next(iter(loader))
     assert "Traceback" in str(e.value)
     line = error_line(e.value)
-    assert "\n" not in line and line.startswith("cannot read image") and line.endswith("from the split file.")
+    assert "\n" not in line and line.startswith("cannot read image") and line.endswith("dataset's source")
 
 
 def test_more_shots_than_a_class_has(tmp_path, splits_dir):

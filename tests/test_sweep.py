@@ -1,4 +1,5 @@
 """sweep.py: the grid, skipping finished runs, slices that partition it, and flags passed through."""
+import json
 import os
 
 import sweep
@@ -12,7 +13,8 @@ def test_dry_run_lists_the_grid_and_skips_finished_runs(tmp_path, capsys):
     assert len(first["todo"]) == 2 * 2 * (1 + 3)  # zero-shot once per seed, not once per method
     done = os.path.join(runs, "dtd", "coop-mao", "shots16_seed2")
     os.makedirs(done)
-    open(os.path.join(done, "results.json"), "w").write("{}")
+    open(os.path.join(done, "results.json"), "w").write(json.dumps(dict(args=dict(
+        dataset="dtd", backbone="coop", method="mao", seed=2, shots=16, subsample="base", recipe="paper"))))
     again = sweep.main(args)
     assert len(again["todo"]) == len(first["todo"]) - 1
     assert ("dtd", "coop", "mao", 2) not in again["todo"]
