@@ -35,7 +35,7 @@ import torch
 from clip.model import CLIP, convert_weights
 from PIL import Image
 
-from clip_prompt import ZeroShotCLIP, build_learner, class_logits, class_texts, load_clip
+from clip_prompt import TextPath, ZeroShotCLIP, build_learner, class_logits, class_texts, frozen_clip, load_clip
 from config import DATASET_PRESETS, DEFAULTS, PRESETS
 from dept import DePT, dept_loss
 from dpc import DualPrompt, stage2_loss
@@ -149,8 +149,9 @@ def step_lines(backbone, model, a, device):
     labels = torch.randperm(a.base_classes, generator=g)[:B].to(device)  # a hard-negative batch
     make = lambda names: build_learner(backbone, model, names, **kw)
     sgd = lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-    learner = make([f"texture number {i}" for i in range(a.base_classes)])
-    learner_new = make([f"pattern number {i}" for i in range(a.new_classes)])
+    # the class names differ from their first token on, as real ones do: only [SOS] and the context are shared
+    learner = make([f"{i} texture number" for i in range(a.base_classes)])
+    learner_new = make([f"{i} pattern number" for i in range(a.new_classes)])
     dual = DualPrompt(make(learner.classnames), 0.2)  # P' beside a frozen copy of P
     dept = DePT(make(learner.classnames)).to(device)  # the learner and its CAT head
     opt, opt_new, opt_dpc = sgd(learner), sgd(learner_new), sgd(dual)
@@ -227,7 +228,7 @@ def bench_backbone(backbone, model, a, device, log):
     if "rank" in times:
         times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
     res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"], lines={},
-               images_per_step=a.batch or a.anchors * a.topk, text="77" if model.full_text else "prompt")
+               images_per_step=a.batch or a.anchors * a.topk, text=model.text_path.positions)
     if "target" in times:
         res["target_s"] = stats(times.pop("target"))
     plain_peak = peak_bytes(lines["plain"], device)
@@ -330,7 +331,7 @@ def load_model(a, device):
         except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
             print(f"ViT-B/16 weights not loadable ({e}); using the ViT-B/16-shaped random CLIP")
     name = "vit-b16-shaped" if a.clip == "auto" else a.clip
-    model = CLIP(context_length=77, vocab_size=49408, **SHAPES[name]).eval().requires_grad_(False).to(device)
+    model = frozen_clip(CLIP(context_length=77, vocab_size=49408, **SHAPES[name]).to(device))
     if device.type == "cuda" or a.precision == "fp16":
         convert_weights(model)  # the paper's fp16 CLIP (LayerNorms stay fp32); on a CPU, slow but measurable
     return model, name
@@ -349,8 +350,8 @@ def main(argv=None):
                     "target: PromptSRC's frozen text target)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp16"], help="fp16: CLIP's layout on a CPU too")
     ap.add_argument("--recompute_text", action="store_true", help="text activations recomputed (train.py's)")
-    ap.add_argument("--text", default="both", choices=["both", "prompt", "77"], help="the text tower's positions: "
-                    "the prompts' own (train.py's default), CLIP's 77 (--full_text 1), or both side by side")
+    ap.add_argument("--text", default="prefix,prompt,77", help="the text tower's paths, side by side: prefix "
+                    "(train.py's default), prompt (every row to the largest [EOS]), 77 (--full_text 1)")
     ap.add_argument("--batch", type=int, help="images per step (default b x K of the dataset)")
     ap.add_argument("--fits", metavar="JSON,...", help="derive the 'what fits' table from saved fp32 / fp16 runs")
     ap.add_argument("--startup", metavar="DIR", help="time a run's start-up on the folder dataset DIR (made if absent)")
@@ -361,6 +362,8 @@ def main(argv=None):
     for k in ("repeats", "new_epochs", "batch", "images"):  # every flag checked before any work
         if getattr(a, k) is not None and getattr(a, k) < 1:
             ap.error(f"--{k} {getattr(a, k)}: must be >= 1")
+    if set(a.text.split(",")) - {"prefix", "prompt", "77"}:
+        ap.error(f"--text {a.text}: a comma list of prefix, prompt, 77")
     if a.device != "auto" and not (a.device == "cpu" or a.device.startswith("cuda") and torch.cuda.is_available()):
         ap.error(f"--device {a.device}: {'no CUDA GPU is visible here' if 'cuda' in a.device else 'cpu or cuda'}; "
                  f"use --device cpu (or auto)")
@@ -396,7 +399,6 @@ def main(argv=None):
     if a.quick:
         a.clip, a.repeats = "tiny", min(a.repeats, 2)
     model, name = load_model(a, device)
-    model.recompute_text = a.recompute_text
     header = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), clip=name,
                   cpu=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   (platform.processor() or platform.machine()),
@@ -409,7 +411,8 @@ def main(argv=None):
     res = dict(header=header, backbones=[])
     for b in backbones:
         for a.base_classes in counts:  # C_n = C_b: the new step's classes grow alike
-            for model.full_text in [t == "77" for t in (["prompt", "77"] if a.text == "both" else [a.text])]:
+            for t in a.text.split(","):  # the text paths side by side, on the same model
+                model.text_path = TextPath(t, a.recompute_text)
                 a.new_classes = a.base_classes
                 res["backbones"].append(bench_backbone(b, model, a, device, print))
     table = markdown(res)

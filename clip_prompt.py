@@ -86,8 +86,24 @@ def load_clip(name, device="cpu", precision="auto", recompute_text=False, full_t
         convert_weights(model)  # clip.load already does this on a GPU; on a CPU it returns fp32
     else:
         model = model.float()
-    model.recompute_text, model.full_text = recompute_text, full_text
+    return frozen_clip(model, "77" if full_text else "prefix", recompute_text)
+
+
+TextPath = namedtuple("TextPath", "positions recompute")
+
+
+def frozen_clip(model, positions="prefix", recompute=False):
+    """CLIP in eval mode with no gradients, and how its text tower runs (model.text_path, which every text encoding
+    reads: encode_token_embeddings): positions 'prefix', 'prompt' or '77' (--full_text 1); recompute: each text
+    block's activations recomputed in the backward pass (--recompute_text), the same gradients for less memory."""
+    model.text_path = TextPath(positions, recompute)
     return model.eval().requires_grad_(False)
+
+
+def text_path(model):
+    if not hasattr(model, "text_path"):  # a CLIP straight from clip.load or clip.model.CLIP
+        raise ValueError("this CLIP has no text_path: prepare it with clip_prompt.frozen_clip(model) (load_clip does)")
+    return model.text_path
 
 
 def save_clip(model, path):
@@ -120,27 +136,35 @@ def encode_token_embeddings(model, x, eot, deep=None):
     """Text features from token embeddings x (C, 77, D): CLIP's encode_text after its embedding, the one
     home of every text encoding (learners, zero-shot CLIP, frozen targets, teachers, evaluation).
 
-    The attention is causal, so nothing after a prompt's [EOS] reaches its [EOS] feature: only positions
-    0 .. the largest [EOS] run, with the causal mask cut to match (causal_block). The same computation as
-    CLIP's 77 positions up to float rounding, with a fraction of the work (docs/cost.md); model.full_text
-    (--full_text 1) runs CLIP's own 77 positions and blocks, bit for bit the released code's tensors.
-    deep: prompts (n, D) for layers 1..J-1; before block i they replace positions 1..n of the hidden
-    state (block i-1's output there), for every class, with no positional embedding. None = CoOp."""
-    full = getattr(model, "full_text", False)
-    if not full:  # a deep prompt's positions are there even if an [EOS] came before them
+    The attention is causal, so position i never sees a later one: nothing after a prompt's [EOS] reaches its
+    feature, and the leading positions all rows share ([SOS], a context and the deep prompts there, a template's
+    first words) have the same hidden states in every row. model.text_path (frozen_clip) says what is run:
+    'prefix' (the default) the shared positions once, then each row from there to the largest [EOS], attending to
+    the prefix's keys and values (shared_block); 'prompt' every row from [SOS] to the largest [EOS] (causal_block);
+    '77' CLIP's own blocks on all 77 positions, bit for bit the released code's tensors. They agree up to float
+    rounding (docs/cost.md: what each costs). deep: prompts (n, D) for layers 1..J-1; before block i they replace
+    positions 1..n of the hidden state (block i-1's output there), with no positional embedding. None = CoOp."""
+    positions, recompute = text_path(model)
+    if positions != "77":  # a deep prompt's positions are there even if an [EOS] came before them
         x = x[:, :max(int(eot.max()) + 1, 1 + (len(deep[0]) if deep else 0))]
+    P = shared_positions(x, eot, deep) if positions == "prefix" else 0
     x = x + model.positional_embedding[:x.shape[1]].type(x.dtype)  # the layer-0 context gets positions too
     x = x.permute(1, 0, 2)  # NLD -> LND (CLIP's attention is not batch_first)
+    pre, x = x[:P, :1], x[P:]  # the shared prefix (P, 1, D), once; each row's own positions (L - P, C, D)
+    run = lambda f, *h: torch.utils.checkpoint.checkpoint(f, *h, use_reentrant=False) if recompute and any(
+        t.requires_grad for t in h) else f(*h)  # --recompute_text: the block recomputed in the backward pass
     for i, block in enumerate(model.transformer.resblocks):  # each block holds the causal mask
-        if deep is not None and 1 <= i <= len(deep):
-            p = deep[i - 1].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n, C, D)
-            x = torch.cat([x[:1], p, x[1 + p.shape[0]:]], dim=0)
-        run = block if full else functools.partial(causal_block, block)
-        recompute = getattr(model, "recompute_text", False) and x.requires_grad  # --recompute_text
-        x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if recompute else run(x)
+        if deep is not None and 1 <= i <= len(deep):  # positions 1..n, in the prefix where there is one
+            h, p = pre if P else x, deep[i - 1]
+            h = torch.cat([h[:1], p.to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1), h[1 + len(p):]], dim=0)
+            pre, x = (h, x) if P else (pre, h)
+        if P:
+            pre, x = run(functools.partial(shared_block, block), pre, x)
+        else:
+            x = run(block if positions == "77" else functools.partial(causal_block, block), x)
     x = x.permute(1, 0, 2)  # LND -> NLD
     x = model.ln_final(x).type(model.dtype)
-    x = x[torch.arange(x.shape[0], device=x.device), eot]  # (C, D) at [EOS]
+    x = x[torch.arange(x.shape[0], device=x.device), eot - P]  # (C, D) at [EOS]
     return x @ model.text_projection  # (C, E)
 
 
@@ -153,9 +177,36 @@ def causal_block(block, x):
     return x + block.mlp(block.ln_2(x))
 
 
+def shared_positions(x, eot, deep=None):
+    """P: how many leading positions all rows of x (C, L, D) hold alike, up to the first [EOS] (each row keeps its
+    own); 0, for the rows run whole, where that is [SOS] alone, one row, or fewer than the deep prompts replace."""
+    same = (x == x[:1]).all(-1).all(0).long().cumprod(0)  # (L,): 1 while every row agrees with the first
+    P = min(int(same.sum()), int(eot.min()))
+    return P if len(x) > 1 and P > max(1, len(deep[0]) if deep else 0) else 0
+
+
+def shared_block(block, pre, x):
+    """CLIP's ResidualAttentionBlock (its own weights and mask) on a prefix pre (P, 1, D) that the C rows x (R, C, D)
+    all follow: the prefix attends causally to itself, once; each row to the prefix's keys and values, projected
+    once, and causally to its own positions. nn.MultiheadAttention's projections, split into heads as it does."""
+    attn, (R, C, _), P = block.attn, x.shape, len(pre)
+
+    def heads(h):  # (L, N, D) -> q, k, v, each (N, heads, L, D / heads)
+        qkv = F.linear(block.ln_1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        return [t.reshape(len(h), h.shape[1], attn.num_heads, -1).permute(1, 2, 0, 3) for t in qkv]
+
+    def attend(h, q, k, v, **mask):  # the residual attention step of h
+        return h + attn.out_proj(F.scaled_dot_product_attention(q, k, v, **mask).permute(2, 0, 1, 3).reshape(h.shape))
+    (qp, kp, vp), (q, k, v) = heads(pre), heads(x)
+    k, v = (torch.cat([a.expand(C, -1, -1, -1), b], 2) for a, b in ((kp, k), (vp, v)))  # keys 0 .. P + R - 1
+    pre = attend(pre, qp, kp, vp, is_causal=True)
+    x = attend(x, q, k, v, attn_mask=block.attn_mask[P:P + R, :P + R].to(dtype=x.dtype, device=x.device))
+    return pre + block.mlp(block.ln_2(pre)), x + block.mlp(block.ln_2(x))
+
+
 def encode_text_tokens(model, tokens):
     """CLIP's encode_text of tokenized prompts (N, 77), through encode_token_embeddings (--full_text 1: CLIP's)."""
-    if getattr(model, "full_text", False):
+    if text_path(model).positions == "77":
         return model.encode_text(tokens)
     return encode_token_embeddings(model, model.token_embedding(tokens).type(model.dtype), tokens.argmax(-1))
 

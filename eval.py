@@ -172,7 +172,7 @@ def prompt_learner(model, ck, names, device, all_names=None):
     kw = dict(ck.get("learner_kwargs", {}))
     if ck["backbone"] == "promptkd":
         kw["teacher"] = load_teacher(ck["args"]["teacher"], all_names or names, device, ck["args"]["precision"],
-                                     full_text=model.full_text)
+                                     full_text=model.text_path.positions == "77")
     learner = build_learner(ck["backbone"], model, names, **kw)
     state = dict(ck["learned"])
     if any(n.startswith("head.") for n in state):  # DePT's, for the classes it trained on

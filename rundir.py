@@ -89,7 +89,8 @@ def differences(old, new, skip=()):
     for k in sorted((set(old) | set(new)) - set(skip)):
         was, now = old.get(k, LEGACY.get(k, "(not recorded)")), new.get(k)
         if k == "clip" and " sha256:" not in str(was):  # recorded as a path (before weights_id)
-            was = weights_id(was) if os.path.isfile(was) else now if os.path.basename(was) == now.rsplit(" sha256:")[0] else was
+            same_name = os.path.basename(was) == now.rsplit(" sha256:")[0]
+            was = weights_id(was) if os.path.isfile(was) else now if same_name else was
         if was != now:
             out.append(f"--{k} {was} (now {now})")
     return out

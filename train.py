@@ -148,7 +148,7 @@ def build_model(args, model, data):
     teacher = None
     if args.backbone == "promptkd":  # refused here if its classes or its CLIP do not fit
         teacher = load_teacher(args.teacher, data.base_names + data.new_names, args.device, args.precision,
-                               data.base_names, model.visual.input_resolution, model.full_text)
+                               data.base_names, model.visual.input_resolution, model.text_path.positions == "77")
     learner = new_learner(args, model, data.base_names, teacher)
     if args.init_from:
         if args.init_from == os.path.join(args.out, "base_prompt.pt") and not os.path.isfile(args.init_from):

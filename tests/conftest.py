@@ -10,7 +10,7 @@ import torch
 
 from clip.model import CLIP
 
-from clip_prompt import load_clip, save_clip
+from clip_prompt import TextPath, frozen_clip, load_clip, save_clip
 from demo import make_demo
 
 SPLITS = os.path.join(os.path.dirname(__file__), "..", "splits")  # the split files the project ships
@@ -25,7 +25,7 @@ def build_tiny_clip(seed=0, width=64, layers=2, resolution=32, patch=8, embed_di
                      transformer_width=width, transformer_heads=width // 64, transformer_layers=layers)
     for p in model.parameters():  # saved files hold fp16 weights: make the rounding a no-op, reloads exact
         p.data = p.data.half().float()
-    return model.eval()
+    return frozen_clip(model)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def tiny_clip(tiny_clip_path):
 def exact(tiny_clip, monkeypatch):
     """--full_text 1 on the tiny CLIP for one test: its text tower at CLIP's own 77 positions and attention, the
     path bit for bit the released code's (the tests that pin this project to the released tensors take it)."""
-    monkeypatch.setattr(tiny_clip, "full_text", True)
+    monkeypatch.setattr(tiny_clip, "text_path", TextPath("77", False))
 
 
 @pytest.fixture(scope="session")

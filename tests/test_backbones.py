@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from clip_prompt import IVLP, CoOp, MaPLe, PromptSRC, build_learner, encode_image, self_regulating_losses
+from clip_prompt import (IVLP, CoOp, MaPLe, PromptSRC, build_learner, encode_image, frozen_clip,
+                         self_regulating_losses)
 from conftest import build_tiny_clip, run_train
 from losses import gpa_weights
 
@@ -20,9 +21,9 @@ NAMES = ["red circle", "red square", "blue circle", "green triangle"]
 @pytest.fixture(scope="module")
 def b16_widths():
     """ViT-B/16's widths (text 512, vision 768) with one block per tower: enough to count prompt parameters."""
-    return CLIP(embed_dim=512, image_resolution=32, vision_layers=1, vision_width=768, vision_patch_size=16,
-                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-                transformer_layers=1).eval().requires_grad_(False)
+    return frozen_clip(CLIP(embed_dim=512, image_resolution=32, vision_layers=1, vision_width=768,
+                            vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+                            transformer_heads=8, transformer_layers=1))
 
 
 @pytest.fixture(scope="module")

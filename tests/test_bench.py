@@ -26,7 +26,7 @@ def test_live_bytes_counts_each_storage_once():
 def test_quick_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--quick", "--backbone", "all", "--dataset", "dtd", "--out", str(out), "--repeats", "2",
-                      "--text", "prompt"])
+                      "--text", "prefix"])
     saved = json.loads(out.read_text())
     md = (tmp_path / "bench.md").read_text()
     assert [r["backbone"] for r in saved["backbones"]] == bench.LEARNERS
@@ -42,7 +42,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         head = 24 * 64 + 24 + 4 * 64  # DePT's CAT head on DTD's 24 base classes: C x E + C + 4 E
         assert r["lines"]["dept"]["params"] == r["learnable_params"] + head
         assert r["lines"]["plain"]["ratio_memory"] == 1.0 and r["infer_images_per_s"]["median"] > 0
-        assert f"| {r['backbone']} | 24 | prompt | 16 | MAO base step |" in md
+        assert f"| {r['backbone']} | 24 | prefix | 16 | MAO base step |" in md
     coop = res["backbones"][0]["lines"]
     # dynamic candidates: a DTD-shaped base batch (16 images, 16 distinct classes) encodes 16 of the 24 class
     # prompts, so the step's memory is below the plain step's over all 24 classes
@@ -52,8 +52,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
 
 def test_class_counts_what_fits_and_start_up_at_scale(tmp_path):
     out = str(tmp_path / "scale.json")
-    res = bench.main(["--quick", "--classes", "32,48", "--lines", "mao_base", "--repeats", "1", "--out", out])
-    (r32, r32_77, r48, r48_77) = res["backbones"]  # both text paths side by side, the prompts' own first
+    res = bench.main(["--quick", "--classes", "32,48", "--lines", "mao_base", "--repeats", "1", "--out", out, "--text",
+                      "prompt,77"])
+    (r32, r32_77, r48, r48_77) = res["backbones"]  # the text paths side by side, in the order given
     assert [(r["classes"], r["text"]) for r in res["backbones"]] == [(32, "prompt"), (32, "77"), (48, "prompt"),
                                                                      (48, "77")]
     assert set(r48["lines"]) == {"plain", "mao_base"}

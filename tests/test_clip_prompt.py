@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import build_tiny_clip
 from clip_prompt import (CoOp, ZeroShotCLIP, build_learner, encode_image, encode_token_embeddings,
-                         load_clip)
+                         frozen_clip, load_clip)
 
 NAMES = ["red circle", "blue_square", "green triangle", "a very long class name with many words"]
 
@@ -86,7 +86,7 @@ def test_coop_parameter_count_at_vit_b16_text_width():
     from clip.model import CLIP
     m = CLIP(embed_dim=512, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
              context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=1)
-    coop = CoOp(m.eval().requires_grad_(False), ["cat", "dog"])
+    coop = CoOp(frozen_clip(m), ["cat", "dog"])
     assert sum(p.numel() for p in coop.parameters() if p.requires_grad) == 2048
     assert CoOp(m, ["cat"], n_ctx=16, ctx_init="").ctx.shape == (16, 512)  # CoOp paper's random 16-token init
 

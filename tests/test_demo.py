@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import demo
-from clip_prompt import ZeroShotCLIP, save_clip
+from clip_prompt import ZeroShotCLIP, frozen_clip, save_clip
 from data import build_transforms, fewshot_splits, subsample_classes
 import eval as evaluation
 from demo import DEMO_CLIP
@@ -24,7 +24,7 @@ def binomial_tail(k, n, p):
 def test_shipped_checkpoint_loads_and_is_far_above_chance(demo_root):
     assert os.path.getsize(DEMO_CLIP) < 15 * 2**20
     model, _ = clip.load(DEMO_CLIP, device="cpu")  # OpenAI's loader, as for real weights
-    model = model.float().eval()
+    model = frozen_clip(model.float())
     splits, image_dir = fewshot_splits("demo", demo_root, 1, 1)
     test_tf = build_transforms(model.visual.input_resolution)[1]
     for which in ("base", "new"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from clip_prompt import CoCoOp, KgCoOp, build_learner
+from clip_prompt import CoCoOp, KgCoOp, TextPath, build_learner, frozen_clip
 from conftest import run_train
 from dpc import DualPrompt, stage2_loss
 from losses import dynamic_candidate_loss, dynamic_candidates
@@ -100,9 +100,9 @@ def test_kgcoop_is_bit_exact_to_the_released_forward(exact, tiny_clip):
 
 
 def test_parameter_counts_at_vit_b16_widths():
-    b16 = CLIP(embed_dim=512, image_resolution=32, vision_layers=1, vision_width=768, vision_patch_size=16,
-               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-               transformer_layers=1).eval().requires_grad_(False)
+    b16 = frozen_clip(CLIP(embed_dim=512, image_resolution=32, vision_layers=1, vision_width=768, vision_patch_size=16,
+                           context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                           transformer_layers=1))
     n = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     # CoCoOp: ctx 4 x 512 + Linear(512, 32) + Linear(32, 512)
     assert n(CoCoOp(b16, NAMES)) == 2048 + (512 * 32 + 32) + (32 * 512 + 512) == 35_360
@@ -149,11 +149,12 @@ def test_contract(tiny_clip, name):
     assert out.logits.shape == (4, 3)
     loss = dynamic_candidate_loss(out.logits, targets) + sum(out.losses.values())  # Eq. 6 + its own
     loss.backward()
-    grads, tiny_clip.recompute_text = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, True
+    grads, tiny_clip.text_path = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, TextPath(
+        "prefix", True)
     m.zero_grad()  # --recompute_text: the text tower recomputed in the backward pass, the very same gradients
     out = m(images, candidates)
     (dynamic_candidate_loss(out.logits, targets) + sum(out.losses.values())).backward()
-    tiny_clip.recompute_text = False
+    tiny_clip.text_path = TextPath("prefix", False)
     assert all(torch.equal(p.grad, grads[n]) for n, p in m.named_parameters() if p.requires_grad), name
     # 5. gradients reach only the learnable tensors, every one of them
     assert all(p.grad is None for p in tiny_clip.parameters())

@@ -14,7 +14,7 @@ import config
 import eval as evaluation
 import rundir
 import train
-from clip_prompt import PromptKD, build_learner, phrase_context
+from clip_prompt import PromptKD, build_learner, frozen_clip, phrase_context
 from conftest import near, run_train
 from dpc import DualPrompt, ImageTextRanking, stage2_loss
 from losses import dynamic_candidate_loss, dynamic_candidates
@@ -148,8 +148,8 @@ def test_size_at_vit_b16_widths_is_the_released_students():
     VPT 4 x 768, 8 deep VPT 4 x 768, VPT_image_trans 512 -> 768 -> 768 with BatchNorm."""
     shape = dict(image_resolution=32, vision_patch_size=16, context_length=77, vocab_size=49408, vision_layers=1,
                  transformer_layers=1)
-    b16 = CLIP(embed_dim=512, vision_width=768, transformer_width=512, transformer_heads=8, **shape)
-    l14 = CLIP(embed_dim=768, vision_width=64, transformer_width=768, transformer_heads=12, **shape)
+    b16 = frozen_clip(CLIP(embed_dim=512, vision_width=768, transformer_width=512, transformer_heads=8, **shape))
+    l14 = frozen_clip(CLIP(embed_dim=768, vision_width=64, transformer_width=768, transformer_heads=12, **shape))
     teacher = build_learner("promptsrc", l14.requires_grad_(False), NAMES, n_ctx=4, depth=1)
     kd = PromptKD(b16.requires_grad_(False), NAMES, teacher, n_vis=4, depth=9)
     n = sum(p.numel() for p in kd.parameters() if p.requires_grad)
