@@ -211,24 +211,33 @@ def step_lines(backbone, model, a, device):
 
 
 def bench_backbone(backbone, model, a, device, log):
-    """The chosen lines (--lines) for one learner, timed interleaved; returns its measurements."""
+    """The chosen lines (--lines) for one learner on each text path (--text), all timed interleaved, so that drift
+    and the process's first allocations hit every line and path alike; returns the measurements of one path each."""
     lines, params, live = step_lines(backbone, model, a, device)
     need = {"mao_new_once": "label", "dpc": "rank"}  # the parts their times add
     lines = {k: fn for k, fn in lines.items() if k in a.lines or k in {need.get(x) for x in a.lines}}
-    times = {k: [] for k in lines}
+    times = {(p, k): [] for p in a.text.split(",") for k in lines}
     for r in range(a.repeats + 1):  # run 0 is the warm-up
-        for k, fn in lines.items():
-            t = once(fn, device)
+        for p, k in times:
+            model.text_path = TextPath(p, a.recompute_text)
+            t = once(lines[k], device)
             if r:
-                times[k].append(t)
+                times[p, k].append(t)
         log(f"  {backbone}: run {r}/{a.repeats}" + (" (warm-up)" if r == 0 else ""))
+    return [path_results(backbone, model, a, device, p, lines, params, live, {k: v for (q, k), v in times.items()
+                                                                           if q == p}) for p in a.text.split(",")]
+
+
+def path_results(backbone, model, a, device, path, lines, params, live, times):
+    """One text path's figures: each line's time, its ratio to the plain step's, its peak memory."""
+    model.text_path = TextPath(path, a.recompute_text)
     # a run labels each unlabeled image once: one teacher pass per image over the new step's epochs
     if "label" in times:
         times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
     if "rank" in times:
         times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
     res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"], lines={},
-               images_per_step=a.batch or a.anchors * a.topk, text=model.text_path.positions)
+               images_per_step=a.batch or a.anchors * a.topk, text=path)
     if "target" in times:
         res["target_s"] = stats(times.pop("target"))
     plain_peak = peak_bytes(lines["plain"], device)
@@ -411,10 +420,8 @@ def main(argv=None):
     res = dict(header=header, backbones=[])
     for b in backbones:
         for a.base_classes in counts:  # C_n = C_b: the new step's classes grow alike
-            for t in a.text.split(","):  # the text paths side by side, on the same model
-                model.text_path = TextPath(t, a.recompute_text)
-                a.new_classes = a.base_classes
-                res["backbones"].append(bench_backbone(b, model, a, device, print))
+            a.new_classes = a.base_classes
+            res["backbones"] += bench_backbone(b, model, a, device, print)
     table = markdown(res)
     print("\n" + table)
     write_json(res, a.out)
