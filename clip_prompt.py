@@ -187,21 +187,21 @@ def shared_positions(x, eot, deep=None):
 
 def shared_block(block, pre, x):
     """CLIP's ResidualAttentionBlock (its own weights and mask) on a prefix pre (P, 1, D) that the C rows x (R, C, D)
-    all follow: the prefix attends causally to itself, once; each row to the prefix's keys and values, projected
-    once, and causally to its own positions. nn.MultiheadAttention's projections, split into heads as it does."""
-    attn, (R, C, _), P = block.attn, x.shape, len(pre)
-
-    def heads(h):  # (L, N, D) -> q, k, v, each (N, heads, L, D / heads)
-        qkv = F.linear(block.ln_1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
-        return [t.reshape(len(h), h.shape[1], attn.num_heads, -1).permute(1, 2, 0, 3) for t in qkv]
-
-    def attend(h, q, k, v, **mask):  # the residual attention step of h
-        return h + attn.out_proj(F.scaled_dot_product_attention(q, k, v, **mask).permute(2, 0, 1, 3).reshape(h.shape))
-    (qp, kp, vp), (q, k, v) = heads(pre), heads(x)
-    k, v = (torch.cat([a.expand(C, -1, -1, -1), b], 2) for a, b in ((kp, k), (vp, v)))  # keys 0 .. P + R - 1
-    pre = attend(pre, qp, kp, vp, is_causal=True)
-    x = attend(x, q, k, v, attn_mask=block.attn_mask[P:P + R, :P + R].to(dtype=x.dtype, device=x.device))
-    return pre + block.mlp(block.ln_2(pre)), x + block.mlp(block.ln_2(x))
+    all follow. What acts position by position (LayerNorms, projections, MLP) runs once on the P + R C positions as
+    one batch; in attention the prefix attends causally to itself, and each row to the prefix's keys and values and
+    causally to its own positions. nn.MultiheadAttention's projections, split into heads as it splits them."""
+    attn, P, (R, C, D) = block.attn, len(pre), x.shape
+    heads = lambda t, n: t.reshape(-1, n, attn.num_heads, D // attn.num_heads).permute(1, 2, 0, 3)  # (n, h, L, D/h)
+    merge = lambda o: o.permute(2, 0, 1, 3).reshape(-1, D)  # (n, h, L, D/h) -> (L n, D), position-major
+    h = torch.cat([pre.reshape(P, D), x.reshape(R * C, D)])  # every position once
+    q, k, v = F.linear(block.ln_1(h), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+    (qp, kp, vp), (qr, kr, vr) = [heads(t[:P], 1) for t in (q, k, v)], [heads(t[P:], C) for t in (q, k, v)]
+    k, v = (torch.cat([a.expand(C, -1, -1, -1), b], 2) for a, b in ((kp, kr), (vp, vr)))  # keys 0 .. P + R - 1
+    mask = block.attn_mask[P:P + R, :P + R].to(dtype=h.dtype, device=h.device)
+    h = h + attn.out_proj(torch.cat([merge(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)),
+                                     merge(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask))]))
+    h = h + block.mlp(block.ln_2(h))
+    return h[:P].reshape(P, 1, D), h[P:].reshape(R, C, D)
 
 
 def encode_text_tokens(model, tokens):

@@ -68,13 +68,13 @@ def test_zero_shot_and_a_prompt_filling_all_77_positions(tiny_clip, monkeypatch)
 
 def test_only_the_positions_up_to_the_last_eos_run(tiny_clip, monkeypatch):
     seen, coop = [], build_learner("coop", tiny_clip, NAMES)  # "a photo of a purple ring." : [EOS] at 8
-    hook = tiny_clip.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[:2]))
+    hook = tiny_clip.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o[..., 0].numel()))
     for path in ("prefix", "prompt", "77"):
         monkeypatch.setattr(tiny_clip, "text_path", TextPath(path, False))
         coop.encode_text()
     hook.remove()
-    n, C = int(coop.eot.max()) + 1, len(NAMES)  # [SOS] and the 4 context vectors: the prefix, once
-    assert seen == [(5, 1), (n - 5, C), (n, C), (77, C)]
+    n, C = int(coop.eot.max()) + 1, len(NAMES)  # positions run: [SOS] and the 4 context vectors once, on the prefix
+    assert seen == [5 + (n - 5) * C, n * C, 77 * C]
     x = tiny_clip.token_embedding(torch.zeros(2, 77, dtype=torch.long))
     deep = [torch.zeros(6, x.shape[-1])]  # a deep prompt longer than the [EOS]: its positions still run
     assert encode_token_embeddings(tiny_clip, x, torch.tensor([2, 3]), deep).shape == (2, x.shape[-1])
