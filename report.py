@@ -333,6 +333,40 @@ def compact_markdown(rows):
                       md_table(["learner", "alone"] + labels + ["train s: alone"] + labels, table)])
 
 
+def paired_markdown(runs):
+    """Each plug-in and recipe against its learner alone on the same seed and dataset: the differences in base, new
+    and HM per seed, their mean, and whether every seed moves the same way (the way to read a plug-in: the seed
+    moves both runs alike, so a difference all seeds agree on is the plug-in's, not the draw's)."""
+    groups, _ = _group([r for r in runs if r.get("base") is not None and r.get("new") is not None], "b2n", None, [])
+    table, agree = [], {}
+    for key in sorted(groups, key=_order):
+        bb, m, tag, ds = key
+        alone = groups.get((bb, "none", "", ds), {})
+        seeds = sorted(set(groups[key]) & set(alone))
+        if (m, tag) == ("none", "") or bb == "zsclip" or not seeds:
+            continue
+        cells, signs = [], []
+        for f in ("base", "new", "hm"):
+            value = lambda r: harmonic_mean(r["base"], r["new"]) if f == "hm" else r[f]
+            d = [value(groups[key][s]) - value(alone[s]) for s in seeds]
+            signs.append("unmoved" if not any(d) else "one seed" if len(d) == 1 else
+                         "yes" if all(x > 0 for x in d) or all(x < 0 for x in d) else "no")
+            cells += [", ".join(f"{x:+.2f}" for x in d), f"{statistics.mean(d):+.2f}"]
+        agree.setdefault(signs[2], []).append(float(cells[-1]))
+        table.append([NAMES.get(ds, ds), NAMES.get(bb, bb), _label(dict(backbone=bb, method=m, variant=tag)),
+                      ",".join(map(str, seeds))] + cells + [" / ".join(signs)])
+    held = agree.get("yes", [])
+    return table and "\n".join([
+        "## Paired differences: each plug-in against its learner alone, seed by seed",
+        "Plug-in minus the learner alone (paper setting) on the same seed and dataset, in points: each seed's "
+        "difference, then their mean; the last column says whether every seed's difference has the same sign "
+        "(base / new / HM; unmoved: 0 on every seed). HM per seed is that seed's HM.", "",
+        md_table(["dataset", "learner", "plug-in", "seeds", "Δ base per seed", "mean", "Δ new per seed", "mean",
+                  "Δ HM per seed", "mean", "all seeds agree (B / N / H)"], table), "",
+        f"HM: {len(held)} of {len(table)} pairs move the same way on every seed ({sum(x > 0 for x in held)} up, "
+        f"{sum(x < 0 for x in held)} down); {len(table) - len(held)} do not (or have one seed)."])
+
+
 PHASES = {"backbone": "backbone alone (DPC: stage 1)", "dept": "DePT (learner and head)",
           "mao_base": "MAO base step", "mao_new": "MAO new step", "dpc_stage2": "DPC stage 2",
           "evaluation": "evaluation"}
@@ -449,8 +483,8 @@ def summarize(root, seeds=None):
                     for r in xd for t, (m, s) in r["acc"].items()])
     if not b2n and not xd:
         raise FileNotFoundError(f"no finished base-to-new or all-class run under {root}")
-    parts += [p for p in (compact_markdown(b2n) if b2n else "", teachers_markdown(runs), cost_markdown(runs),
-                          pseudo_label_markdown(runs)) if p]
+    parts += [p for p in (compact_markdown(b2n) if b2n else "", paired_markdown(runs), teachers_markdown(runs),
+                          cost_markdown(runs), pseudo_label_markdown(runs)) if p]
     text = "\n\n".join(parts)
     with open(os.path.join(root, "summary.md"), "w") as f:
         f.write(text + "\n")

@@ -199,6 +199,19 @@ def test_compact_table_puts_the_methods_side_by_side(tmp_path):
     assert f"| CoOp [recipe=official] |  | – | 81.00 / 65.00 / {hm(81, 65)} | – |  | – | 40 (4.0x) | – |" in md
 
 
+def test_paired_differences_are_taken_seed_by_seed(tmp_path):
+    for seed, alone, mao, dpc in ((1, (80.0, 60.0), (82.0, 61.0), (79.0, 60.0)), (2, (70.0, 50.0), (71.0, 49.0),
+                                                                                   (71.0, 50.0))):
+        for method, (base, new) in (("none", alone), ("mao", mao), ("dpc", dpc)):
+            write(str(tmp_path), "dtd", method, seed, base, new)
+    md = report.summarize(str(tmp_path))["markdown"]
+    hm = evaluation.harmonic_mean
+    d1, d2 = hm(82, 61) - hm(80, 60), hm(71, 49) - hm(70, 50)  # each seed's HM against its own seed's
+    assert (f"| DTD | CoOp | +MAO | 1,2 | +2.00, +1.00 | +1.50 | +1.00, -1.00 | +0.00 | {d1:+.2f}, {d2:+.2f} | "
+            f"{(d1 + d2) / 2:+.2f} | yes / no / {'yes' if d1 * d2 > 0 else 'no'} |") in md
+    assert "| DTD | CoOp | +DPC | 1,2 | -1.00, +1.00 | +0.00 | +0.00, +0.00 | +0.00 |" in md and "no / unmoved /" in md
+
+
 def test_one_unreadable_results_file_is_skipped_with_its_name(tmp_path):
     write(str(tmp_path), "dtd", "mao", 1, 80.0, 60.0)
     broken = os.path.join(write(str(tmp_path), "dtd", "mao", 2, 82.0, 64.0), "results.json")
