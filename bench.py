@@ -224,31 +224,28 @@ def bench_backbone(backbone, model, a, device, log):
             if r:
                 times[p, k].append(t)
         log(f"  {backbone}: run {r}/{a.repeats}" + (" (warm-up)" if r == 0 else ""))
-    return [path_results(backbone, model, a, device, p, lines, params, live, {k: v for (q, k), v in times.items()
-                                                                           if q == p}) for p in a.text.split(",")]
-
-
-def path_results(backbone, model, a, device, path, lines, params, live, times):
-    """One text path's figures: each line's time, its ratio to the plain step's, its peak memory."""
-    model.text_path = TextPath(path, a.recompute_text)
-    # a run labels each unlabeled image once: one teacher pass per image over the new step's epochs
-    if "label" in times:
-        times["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(times["mao_new_once"], times.pop("label"))]
-    if "rank" in times:
-        times["dpc"] = [t + rank for t, rank in zip(times["dpc"], times.pop("rank"))]  # + b ranked
-    res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"], lines={},
-               images_per_step=a.batch or a.anchors * a.topk, text=path)
-    if "target" in times:
-        res["target_s"] = stats(times.pop("target"))
-    plain_peak = peak_bytes(lines["plain"], device)
-    for k in [k for k in LINES if k in lines]:
-        peak = plain_peak if k == "plain" else peak_bytes(lines[k], device)
-        ratio = stats([t / p for t, p in zip(times[k], times["plain"])])
-        res["lines"][k] = dict(params=params[k], step_s=stats(times[k]), ratio_time=ratio,
-                               peak_mb=(live + peak) / 2**20, ratio_memory=(live + peak) / (live + plain_peak))
-    if "infer" in times:
-        res["infer_images_per_s"] = stats([res["images_per_step"] / t for t in times["infer"]])
-    return res
+    out = []
+    for path in a.text.split(","):  # each path's figures: each line's time, its ratio to the plain step's, its peak
+        model.text_path, tp = TextPath(path, a.recompute_text), {k: times[path, k] for k in lines}
+        # a run labels each unlabeled image once: one teacher pass per image over the new step's epochs
+        if "label" in tp:
+            tp["mao_new_once"] = [t + lab / a.new_epochs for t, lab in zip(tp["mao_new_once"], tp.pop("label"))]
+        if "rank" in tp:
+            tp["dpc"] = [t + rank for t, rank in zip(tp["dpc"], tp.pop("rank"))]  # + b ranked
+        res = dict(backbone=backbone, classes=a.base_classes, learnable_params=params["plain"], lines={},
+                   images_per_step=a.batch or a.anchors * a.topk, text=path)
+        if "target" in tp:
+            res["target_s"] = stats(tp.pop("target"))
+        plain_peak = peak_bytes(lines["plain"], device)
+        for k in [k for k in LINES if k in lines]:
+            peak = plain_peak if k == "plain" else peak_bytes(lines[k], device)
+            ratio = stats([t / p for t, p in zip(tp[k], tp["plain"])])
+            res["lines"][k] = dict(params=params[k], step_s=stats(tp[k]), ratio_time=ratio,
+                                   peak_mb=(live + peak) / 2**20, ratio_memory=(live + peak) / (live + plain_peak))
+        if "infer" in tp:
+            res["infer_images_per_s"] = stats([res["images_per_step"] / t for t in tp["infer"]])
+        out.append(res)
+    return out
 
 
 def fmt(s, digits=3):

@@ -89,13 +89,13 @@ def load_clip(name, device="cpu", precision="auto", recompute_text=False, full_t
     return frozen_clip(model, "77" if full_text else "prefix", recompute_text)
 
 
-TextPath = namedtuple("TextPath", "positions recompute")
+TextPath = namedtuple("TextPath", "positions recompute")  # how a CLIP's text tower runs: frozen_clip
 
 
 def frozen_clip(model, positions="prefix", recompute=False):
-    """CLIP in eval mode with no gradients, and how its text tower runs (model.text_path, which every text encoding
-    reads: encode_token_embeddings): positions 'prefix', 'prompt' or '77' (--full_text 1); recompute: each text
-    block's activations recomputed in the backward pass (--recompute_text), the same gradients for less memory."""
+    """CLIP in eval mode with no gradients, and model.text_path, which every text encoding reads: positions 'prefix',
+    'prompt' or '77' (--full_text 1: encode_token_embeddings); recompute: each text block recomputed in the backward
+    pass (--recompute_text: the same gradients, less memory)."""
     model.text_path = TextPath(positions, recompute)
     return model.eval().requires_grad_(False)
 
