@@ -162,6 +162,7 @@ def b2n_rows(runs, seeds=None, warnings=None):
         rows.append(dict(backbone=bb, method=m, variant=tag, dataset=ds, seeds=ss,
                          missing=[s for s in expected if s not in by_seed], base=mb, base_std=sb, new=mn,
                          new_std=sn, hm=harmonic_mean(mb, mn), seconds=statistics.mean(secs) if secs else None,
+                         per_seed={s: (by_seed[s]["base"], by_seed[s]["new"]) for s in ss},
                          args=by_seed[ss[0]].get("args", {}), changed=sorted(by_seed[ss[0]].get("variant") or {}),
                          paper=paper_numbers(bb, m, tag)[0].get(ds), paper_note=""))
     for bb, m, tag in sorted({(r["backbone"], r["method"], r["variant"]) for r in rows},
@@ -169,6 +170,8 @@ def b2n_rows(runs, seeds=None, warnings=None):
         group = [r for r in rows if (r["backbone"], r["method"], r["variant"]) == (bb, m, tag)]
         dsets = [r["dataset"] for r in group]
         mb, mn = statistics.mean(r["base"] for r in group), statistics.mean(r["new"] for r in group)
+        common = sorted(set.intersection(*(set(r["per_seed"]) for r in group)))  # a seed's average: all datasets
+        per_seed = {s: tuple(statistics.mean(r["per_seed"][s][i] for r in group) for i in (0, 1)) for s in common}
         paper, note = None, ""
         per_dataset, reported = paper_numbers(bb, m, tag)
         if set(BASE_TO_NEW) <= set(dsets) and reported:
@@ -181,7 +184,7 @@ def b2n_rows(runs, seeds=None, warnings=None):
         rows.append(dict(backbone=bb, method=m, variant=tag, dataset="average", datasets=dsets,
                          missing_datasets=missing, seeds=[], missing=[], base=mb, base_std=None, new=mn,
                          new_std=None, hm=harmonic_mean(mb, mn), seconds=None, args={}, changed=[],
-                         paper=paper, paper_note=note))
+                         paper=paper, paper_note=note, per_seed=per_seed))
     return rows
 
 
@@ -512,7 +515,8 @@ def _pyplot():
 
 def plot_hm_bars(rows, path):
     """Fig. 3 style: each backbone's average HM, baseline and plug-ins side by side; the paper's
-    value as a black tick on each bar. Returns the path, or None when there is nothing to draw."""
+    value as a black tick on each bar; over several seeds each seed's HM as a dot on a line spanning
+    them. Returns the path, or None when there is nothing to draw."""
     avg = {(r["backbone"], r["method"]): r for r in rows if r["dataset"] == "average" and r["variant"] == ""}
     backbones = [b for b in BACKBONE_ORDER[1:] + sorted({b for b, _ in avg} - set(BACKBONE_ORDER))
                  if any((b, m) in avg for m in METHOD_ORDER)]
@@ -529,7 +533,13 @@ def plot_hm_bars(rows, path):
                 continue
             ax.bar(x, r["hm"], width, color=COLOURS[m], label=None if m in labelled else METHOD_LABELS[m])
             labelled.add(m)
-            ax.text(x, r["hm"] + 0.3, f"{r['hm']:.1f}", ha="center", va="bottom", fontsize=7)
+            seeds = [harmonic_mean(b, n) for b, n in r["per_seed"].values()]
+            if len(seeds) > 1:
+                ax.vlines(x, min(seeds), max(seeds), color="black", lw=0.8)
+                ax.plot([x] * len(seeds), seeds, "o", color="black", ms=2.5,
+                        label=None if "seed" in labelled else "one seed's HM")
+                labelled.add("seed")
+            ax.text(x, max([r["hm"]] + seeds) + 0.3, f"{r['hm']:.1f}", ha="center", va="bottom", fontsize=7)
             if r["paper"] is not None:
                 ax.plot([x - width / 2, x + width / 2], [r["paper"][2]] * 2, color="black", lw=2,
                         label=None if "paper" in labelled else "paper")
@@ -537,6 +547,7 @@ def plot_hm_bars(rows, path):
     if ("zsclip", "none") in avg:
         ax.axhline(avg[("zsclip", "none")]["hm"], color="grey", ls="--", lw=1, label="zero-shot CLIP")
     hms = [r["hm"] for r in avg.values()] + [r["paper"][2] for r in avg.values() if r["paper"] is not None]
+    hms += [harmonic_mean(b, n) for r in avg.values() for b, n in r["per_seed"].values()]
     ax.set_ylim(max(0, min(hms) - 5), min(100, max(hms) + 3))
     ax.set_xticks(range(len(backbones)), [NAMES.get(b, b) for b in backbones])
     ax.set_xlim(-0.6, len(backbones) - 0.4)

@@ -143,6 +143,11 @@ def test_plots_are_valid_pngs(tmp_path):
             write(root, ds, "mao", 1, 70.0 + k, 60.0, variant={"topk": k}, folder=f"coop-mao-k{k}",
                   train_seconds=30.0 * k)
     write(root, "dtd", "mao", 1, 50.0, 50.0, variant={"topk": 4, "lr": 0.1}, folder="coop-mao-other")
+    write(root, "dtd", "none", 2, 70.0, 50.0), write(root, "eurosat", "none", 2, 76.0, 54.0)
+    write(root, "dtd", "dpc", 2, 90.0, 60.0)  # no seed 2 on eurosat: not a seed of DPC's average
+    avg = {r["method"]: r for r in report.b2n_rows(report.load_runs(root)) if r["dataset"] == "average"
+           and r["variant"] == ""}  # the seeds' HMs Fig. 3 draws beside each bar
+    assert avg["none"]["per_seed"] == {1: (80.0, 60.0), 2: (73.0, 52.0)} and list(avg["dpc"]["per_seed"]) == [1]
     paths = report.plot(root)
     assert [os.path.basename(p) for p in paths] == ["fig3_hm.png", "fig4_topk.png"]  # no --new_shots sweep was run
     for p in paths:
