@@ -341,7 +341,8 @@ def paired_markdown(runs):
     and HM per seed, their mean, and whether every seed moves the same way (the way to read a plug-in: the seed
     moves both runs alike, so a difference all seeds agree on is the plug-in's, not the draw's)."""
     groups, _ = _group([r for r in runs if r.get("base") is not None and r.get("new") is not None], "b2n", None, [])
-    table, agree = [], {}
+    table, held = [], []  # held: the mean HM difference of each pair whose seeds all agree in sign
+    value = lambda r, f: harmonic_mean(r["base"], r["new"]) if f == "hm" else r[f]
     for key in sorted(groups, key=_order):
         bb, m, tag, ds = key
         alone = groups.get((bb, "none", "", ds), {})
@@ -350,15 +351,14 @@ def paired_markdown(runs):
             continue
         cells, signs = [], []
         for f in ("base", "new", "hm"):
-            value = lambda r: harmonic_mean(r["base"], r["new"]) if f == "hm" else r[f]
-            d = [value(groups[key][s]) - value(alone[s]) for s in seeds]
+            d = [value(groups[key][s], f) - value(alone[s], f) for s in seeds]
             signs.append("unmoved" if not any(d) else "one seed" if len(d) == 1 else
                          "yes" if all(x > 0 for x in d) or all(x < 0 for x in d) else "no")
             cells += [", ".join(f"{x:+.2f}" for x in d), f"{statistics.mean(d):+.2f}"]
-        agree.setdefault(signs[2], []).append(float(cells[-1]))
+        if signs[2] == "yes":
+            held.append(statistics.mean(d))
         table.append([NAMES.get(ds, ds), NAMES.get(bb, bb), _label(dict(backbone=bb, method=m, variant=tag)),
                       ",".join(map(str, seeds))] + cells + [" / ".join(signs)])
-    held = agree.get("yes", [])
     return table and "\n".join([
         "## Paired differences: each plug-in against its learner alone, seed by seed",
         "Plug-in minus the learner alone (paper setting) on the same seed and dataset, in points: each seed's "
@@ -518,6 +518,7 @@ def plot_hm_bars(rows, path):
     value as a black tick on each bar; over several seeds each seed's HM as a dot on a line spanning
     them. Returns the path, or None when there is nothing to draw."""
     avg = {(r["backbone"], r["method"]): r for r in rows if r["dataset"] == "average" and r["variant"] == ""}
+    seed_hms = {k: [harmonic_mean(b, n) for b, n in r["per_seed"].values()] for k, r in avg.items()}
     backbones = [b for b in BACKBONE_ORDER[1:] + sorted({b for b, _ in avg} - set(BACKBONE_ORDER))
                  if any((b, m) in avg for m in METHOD_ORDER)]
     if not backbones:
@@ -533,7 +534,7 @@ def plot_hm_bars(rows, path):
                 continue
             ax.bar(x, r["hm"], width, color=COLOURS[m], label=None if m in labelled else METHOD_LABELS[m])
             labelled.add(m)
-            seeds = [harmonic_mean(b, n) for b, n in r["per_seed"].values()]
+            seeds = seed_hms[b, m]
             if len(seeds) > 1:
                 ax.vlines(x, min(seeds), max(seeds), color="black", lw=0.8)
                 ax.plot([x] * len(seeds), seeds, "o", color="black", ms=2.5,
@@ -547,7 +548,7 @@ def plot_hm_bars(rows, path):
     if ("zsclip", "none") in avg:
         ax.axhline(avg[("zsclip", "none")]["hm"], color="grey", ls="--", lw=1, label="zero-shot CLIP")
     hms = [r["hm"] for r in avg.values()] + [r["paper"][2] for r in avg.values() if r["paper"] is not None]
-    hms += [harmonic_mean(b, n) for r in avg.values() for b, n in r["per_seed"].values()]
+    hms += [hm for v in seed_hms.values() for hm in v]
     ax.set_ylim(max(0, min(hms) - 5), min(100, max(hms) + 3))
     ax.set_xticks(range(len(backbones)), [NAMES.get(b, b) for b in backbones])
     ax.set_xlim(-0.6, len(backbones) - 0.4)
